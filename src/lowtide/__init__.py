@@ -1,0 +1,1 @@
+"""Lowtide: a self-hosted Batch API for LLM inference."""

@@ -1,0 +1,79 @@
+"""The ASGI application: routes, error envelope, request ids, health, and the worker lifecycle."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lowtide.api import batches, files
+from lowtide.api.responses import (
+    api_error_handler,
+    http_error_handler,
+    json_response,
+    unexpected_error_handler,
+    validation_error_handler,
+)
+from lowtide.errors import ApiError
+from lowtide.ids import new_request_id
+from lowtide.runtime import Runtime
+
+
+class RequestIdMiddleware:
+    """Every response carries x-request-id (the OpenAI SDK reads it into errors)."""
+
+    def __init__(self, app) -> None:  # type: ignore[no-untyped-def]
+        self.app = app
+
+    async def __call__(self, scope, receive, send):  # type: ignore[no-untyped-def]
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = new_request_id().encode()
+
+        async def send_with_id(message):  # type: ignore[no-untyped-def]
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id)]
+            await send(message)
+
+        return await self.app(scope, receive, send_with_id)
+
+
+def create_app(runtime: Runtime) -> FastAPI:
+    ready = {"ok": False}
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):  # type: ignore[no-untyped-def]
+        await runtime.start()
+        ready["ok"] = True
+        try:
+            yield
+        finally:
+            ready["ok"] = False
+            await runtime.stop()
+
+    app = FastAPI(
+        title="Lowtide",
+        version="0.1.0",
+        summary="Self-hosted OpenAI-compatible Batch API",
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    app.state.api_keys = {k.key: k.project for k in runtime.config.auth.api_keys}
+    app.add_exception_handler(ApiError, api_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    app.add_exception_handler(Exception, unexpected_error_handler)
+    app.add_middleware(RequestIdMiddleware)
+    app.include_router(files.router)
+    app.include_router(batches.router)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz():  # type: ignore[no-untyped-def]
+        if not ready["ok"]:
+            return json_response({"status": "starting"}, 503)
+        return json_response({"status": "ok", "models": runtime.router.served_models()})
+
+    return app

@@ -1,0 +1,117 @@
+"""Configuration: one TOML file, validated once at start so a typo fails loudly, not mid-batch."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '15m', '24h', '7d' -> seconds; raises ValueError on anything else."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(
+            f"invalid duration {text!r}; use a number and one of s, m, h, d (e.g. '24h')"
+        )
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelRoute(_Strict):
+    """One `[[models]]` entry: which engine serves requests whose body.model matches `name`."""
+
+    name: str = Field(description="matched against body.model; '*' or a glob matches many")
+    engine: Literal["openai", "echo"] = "openai"
+    base_url: str | None = None
+    api_key_env: str | None = None
+    api_key: str | None = None
+    upstream_model: str | None = Field(None, description="model name sent upstream, if different")
+    max_concurrency: int = Field(64, ge=1, le=100_000)
+    timeout: float = Field(600.0, gt=0, description="seconds per upstream request")
+    max_retries: int = Field(6, ge=0, le=100)
+    headers: dict[str, str] = Field(default_factory=dict)
+    latency_ms: float = Field(0.0, ge=0, description="echo engine only: simulated latency")
+
+    @field_validator("base_url")
+    @classmethod
+    def _strip_slash(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value else value
+
+    def resolved_api_key(self) -> str | None:
+        if self.api_key_env:
+            return os.environ.get(self.api_key_env)
+        return self.api_key
+
+
+class ApiKey(_Strict):
+    key: str
+    project: str = "default"
+
+
+class AuthConfig(_Strict):
+    api_keys: list[ApiKey] = Field(default_factory=list)
+
+
+class BatchLimits(_Strict):
+    max_file_bytes: int = 10 * 1024**3
+    max_lines: int = 5_000_000
+    max_errors_reported: int = 1000
+    min_completion_window: str = "1h"
+    max_completion_window: str = "7d"
+    shard_lines: int = Field(1000, ge=1)
+    shard_bytes: int = Field(8 * 1024**2, ge=1024)
+    default_file_ttl: str = "30d"
+
+    @field_validator("min_completion_window", "max_completion_window", "default_file_ttl")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+
+class WorkerConfig(_Strict):
+    lease_seconds: float = Field(30.0, gt=0)
+    max_active_shards: int = Field(8, ge=1)
+    poll_seconds: float = Field(0.5, gt=0)
+    segment_lines: int = Field(500, ge=1)
+    segment_seconds: float = Field(2.0, gt=0)
+    sweep_seconds: float = Field(30.0, gt=0)
+    cancel_grace_seconds: float = Field(60.0, ge=0)
+    retry_base_seconds: float = Field(0.5, gt=0)
+    retry_max_seconds: float = Field(30.0, gt=0)
+
+
+class Config(_Strict):
+    models: list[ModelRoute] = Field(default_factory=list)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    batches: BatchLimits = Field(default_factory=BatchLimits)
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    database_url: str | None = None
+
+    def routes(self) -> list[ModelRoute]:
+        """Configured routes, or the built-in defaults when the file names none."""
+        return self.models or default_routes()
+
+
+def default_routes() -> list[ModelRoute]:
+    """What a fresh install serves with no configuration at all."""
+    return [ModelRoute(name="lowtide-echo", engine="echo", max_concurrency=1024)]
+
+
+def load_config(path: str | Path | None) -> Config:
+    if path is None:
+        return Config()
+    with open(path, "rb") as fh:
+        data = tomllib.load(fh)
+    return Config.model_validate(data)

@@ -1,0 +1,114 @@
+"""Any OpenAI-compatible server over HTTP: vLLM, SGLang, llama.cpp, Ollama, hosted providers."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+
+from lowtide.config import ModelRoute
+from lowtide.engines.base import Engine, EngineResponse, TransientEngineError
+
+
+def parse_retry_after(headers: Any) -> float | None:
+    """Seconds to wait from `retry-after-ms`, or `Retry-After` as seconds or an HTTP date."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class OpenAIHttpEngine(Engine):
+    def __init__(self, route: ModelRoute) -> None:
+        if not route.base_url:
+            raise ValueError(f"model route {route.name!r}: engine 'openai' needs base_url")
+        self.name = route.name
+        self.max_concurrency = route.max_concurrency
+        self._route = route
+        self._session: aiohttp.ClientSession | None = None
+        self._headers = {"Content-Type": "application/json", **route.headers}
+        key = route.resolved_api_key()
+        if key:
+            self._headers["Authorization"] = f"Bearer {key}"
+
+    async def start(self) -> None:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self.max_concurrency, limit_per_host=0, keepalive_timeout=30
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=self._route.timeout),
+                json_serialize=lambda obj: orjson.dumps(obj).decode(),
+            )
+
+    def _url(self, endpoint: str) -> str:
+        path = endpoint[3:] if endpoint.startswith("/v1/") else endpoint
+        return f"{self._route.base_url}{path}"
+
+    async def execute(self, endpoint: str, body: dict[str, Any]) -> EngineResponse:
+        if self._session is None:
+            await self.start()
+        assert self._session is not None
+        if self._route.upstream_model:
+            body = {**body, "model": self._route.upstream_model}
+        try:
+            async with self._session.post(
+                self._url(endpoint), data=orjson.dumps(body), headers=self._headers
+            ) as resp:
+                raw = await resp.read()
+                status = resp.status
+                headers = resp.headers
+        except TimeoutError as exc:
+            raise TransientEngineError(
+                "request_timeout", f"The upstream did not answer within {self._route.timeout:g}s."
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise TransientEngineError(
+                "connection_error",
+                f"Connection to the upstream failed: {exc.__class__.__name__}: {exc}",
+            ) from exc
+        try:
+            parsed = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            parsed = None
+        if parsed is None and status // 100 == 2:
+            status = 502
+        if not isinstance(parsed, dict | list):
+            text = raw[:2000].decode("utf-8", "replace")
+            parsed = {
+                "error": {
+                    "message": f"Upstream answered HTTP {status} with a non-JSON body: {text}",
+                    "type": "upstream_error",
+                    "param": None,
+                    "code": None,
+                }
+            }
+        return EngineResponse(
+            status_code=status,
+            body=parsed,
+            request_id=headers.get("x-request-id") or headers.get("request-id"),
+            retry_after=parse_retry_after(headers),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

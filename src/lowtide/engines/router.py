@@ -1,0 +1,54 @@
+"""Map body.model to an engine, by exact name first and then by glob ('*' matches any)."""
+
+from __future__ import annotations
+
+import fnmatch
+
+from lowtide.config import ModelRoute
+from lowtide.engines.base import Engine
+
+
+def build_engine(route: ModelRoute) -> Engine:
+    if route.engine == "echo":
+        from lowtide.engines.echo import EchoEngine
+
+        return EchoEngine(route.name, route.max_concurrency, route.latency_ms)
+    from lowtide.engines.openai_http import OpenAIHttpEngine
+
+    return OpenAIHttpEngine(route)
+
+
+class Router:
+    """Engines are built lazily, once per route, on first use."""
+
+    def __init__(self, routes: list[ModelRoute]) -> None:
+        self._exact = {r.name: r for r in routes if not _is_pattern(r.name)}
+        self._patterns = [r for r in routes if _is_pattern(r.name)]
+        self._engines: dict[str, Engine] = {}
+
+    def route_for(self, model: str) -> ModelRoute | None:
+        route = self._exact.get(model)
+        if route is not None:
+            return route
+        for candidate in self._patterns:
+            if fnmatch.fnmatchcase(model, candidate.name):
+                return candidate
+        return None
+
+    def served_models(self) -> list[str]:
+        return [*self._exact, *(r.name for r in self._patterns)]
+
+    def engine_for(self, route: ModelRoute) -> Engine:
+        engine = self._engines.get(route.name)
+        if engine is None:
+            engine = self._engines[route.name] = build_engine(route)
+        return engine
+
+    async def close(self) -> None:
+        for engine in self._engines.values():
+            await engine.close()
+        self._engines.clear()
+
+
+def _is_pattern(name: str) -> bool:
+    return any(ch in name for ch in "*?[")

@@ -1,0 +1,31 @@
+"""Object ids in the formats the hosted APIs use, so clients that eyeball prefixes are happy."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import string
+
+_BASE62 = string.digits + string.ascii_letters
+
+
+def new_file_id() -> str:
+    return "file-" + "".join(secrets.choice(_BASE62) for _ in range(24))
+
+
+def new_batch_id() -> str:
+    return "batch_" + secrets.token_hex(16)
+
+
+def request_line_id(batch_id: str, index: int) -> str:
+    """Deterministic per line, so a resumed shard writes the same id it would have written."""
+    digest = hashlib.blake2b(f"{batch_id}:{index}".encode(), digest_size=16).hexdigest()
+    return "batch_req_" + digest
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(16)
+
+
+def new_worker_id() -> str:
+    return "w_" + secrets.token_hex(6)

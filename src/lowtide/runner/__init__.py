@@ -1,0 +1,1 @@
+"""Runner: validation, shard execution under leases, finalize, and the worker loop."""

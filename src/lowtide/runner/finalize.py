@@ -1,0 +1,139 @@
+"""Merge committed segments, in input order, into the output file and the error file.
+
+Nothing becomes visible until one transaction publishes both files and the terminal status,
+and only if this worker still holds the finalize lease; a finalizer that dies midway leaves
+temporary blobs that the next one simply writes again.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+
+from lowtide.blobs import BlobStore, BlobWriter
+from lowtide.ids import new_file_id, request_line_id
+from lowtide.runner.results import CANCELLED_MESSAGE, EXPIRED_MESSAGE, OK_PREFIX, error_line
+from lowtide.runner.validation import iter_request_lines
+from lowtide.store import work
+from lowtide.store.database import Database
+from lowtide.store.files import blob_key_any
+
+_FLUSH_BYTES = 1 << 20
+DEFAULT_OUTPUT_TTL = 30 * 86400
+
+
+class _OutputFile:
+    """A streamed JSONL blob that is only published if it got at least one line."""
+
+    def __init__(self, writer: BlobWriter, file_id: str, key: str) -> None:
+        self.writer = writer
+        self.file_id = file_id
+        self.key = key
+        self.lines = 0
+        self._buffer = bytearray()
+
+    async def add(self, line: bytes) -> None:
+        self._buffer += line
+        self._buffer += b"\n"
+        self.lines += 1
+        if len(self._buffer) >= _FLUSH_BYTES:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if self._buffer:
+            await self.writer.write(bytes(self._buffer))
+            self._buffer.clear()
+
+
+async def finalize_batch(db: Database, blobs: BlobStore, task: work.BatchTask) -> bool:
+    batch = task.batch
+    reason = batch["stop_reason"]
+    outputs: list[_OutputFile] = []
+    for _ in range(2):
+        file_id = new_file_id()
+        key = f"files/{file_id}"
+        outputs.append(_OutputFile(await blobs.writer(key), file_id, key))
+    out, err = outputs
+    segment_keys: list[str] = []
+    try:
+        shard_rows = await work.shards_of(db, batch["id"])
+        input_key = await blob_key_any(db, batch["input_file_id"]) if shard_rows else None
+        for shard in shard_rows:
+            for segment in await work.segments_of(db, batch["id"], shard["idx"]):
+                segment_keys.append(segment["blob_key"])
+                data = await blobs.read(segment["blob_key"])
+                for line in data.split(b"\n"):
+                    if line:
+                        await (out if line[:1] == OK_PREFIX else err).add(line[1:])
+            if shard["committed"] < shard["request_count"]:
+                await _unfinished_lines(blobs, input_key, batch, shard, reason, err)
+        for f in outputs:
+            await f.flush()
+            if f.lines:
+                await f.writer.commit()
+            else:
+                await f.writer.abort()
+    except BaseException:
+        for f in outputs:
+            await f.writer.abort()
+        raise
+
+    now = int(time.time())
+    totals = await work.shard_totals(db, batch["id"])
+    ttl = batch["output_expires_seconds"] or DEFAULT_OUTPUT_TTL
+    file_rows = [
+        {
+            "id": f.file_id,
+            "project": batch["project"],
+            "filename": f"{batch['id']}_{name}.jsonl",
+            "purpose": "batch_output",
+            "bytes": f.writer.bytes_written,
+            "created_at": now,
+            "expires_at": now + ttl,
+            "blob_key": f.key,
+        }
+        for f, name in ((out, "output"), (err, "error"))
+        if f.lines
+    ]
+    terminal = {"cancelled": "cancelled", "expired": "expired"}.get(reason or "", "completed")
+    values: dict[str, Any] = {
+        "status": terminal,
+        f"{terminal}_at": now,
+        "output_file_id": out.file_id if out.lines else None,
+        "error_file_id": err.file_id if err.lines else None,
+        **totals,
+    }
+    published = await work.finish_batch(db, batch["id"], task.epoch, values, file_rows)
+    if not published:
+        for f in outputs:
+            if f.lines:
+                await blobs.delete(f.key)
+        return False
+    for key in segment_keys:
+        await blobs.delete(key)
+    return True
+
+
+async def _unfinished_lines(
+    blobs: BlobStore,
+    input_key: str | None,
+    batch: dict[str, Any],
+    shard: dict[str, Any],
+    reason: str | None,
+    err: _OutputFile,
+) -> None:
+    """Lines that never ran become batch_cancelled / batch_expired error lines."""
+    assert input_key is not None
+    code, message = (
+        ("batch_expired", EXPIRED_MESSAGE)
+        if reason == "expired"
+        else ("batch_cancelled", CANCELLED_MESSAGE)
+    )
+    data = await blobs.read_range(input_key, shard["byte_start"], shard["byte_end"])
+    lines = iter_request_lines(data)
+    for offset in range(shard["committed"], shard["request_count"]):
+        custom_id = orjson.loads(lines[offset]).get("custom_id")
+        line_id = request_line_id(batch["id"], shard["first_request"] + offset)
+        await err.add(error_line(line_id, custom_id, code, message)[1:])

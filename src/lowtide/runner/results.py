@@ -1,0 +1,90 @@
+"""Result lines in the exact shape of the hosted Batch APIs, plus the usage they carry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from lowtide.engines.base import EngineResponse
+from lowtide.ids import new_request_id
+
+OK_PREFIX = b"o"
+ERROR_PREFIX = b"e"
+
+CANCELLED_MESSAGE = "This request was not executed because the batch was cancelled."
+EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
+
+
+@dataclass(slots=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+def usage_of(body: Any) -> Usage:
+    """Read usage from chat/completions/embeddings (`prompt_tokens`) or responses (`input_tokens`)."""
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if not isinstance(usage, dict):
+        return Usage()
+    inp = usage.get("input_tokens", usage.get("prompt_tokens")) or 0
+    out = usage.get("output_tokens", usage.get("completion_tokens")) or 0
+    in_details = usage.get("input_tokens_details") or usage.get("prompt_tokens_details") or {}
+    out_details = usage.get("output_tokens_details") or usage.get("completion_tokens_details") or {}
+    return Usage(
+        input_tokens=_int(inp),
+        output_tokens=_int(out),
+        cached_tokens=_int(in_details.get("cached_tokens") if isinstance(in_details, dict) else 0),
+        reasoning_tokens=_int(
+            out_details.get("reasoning_tokens") if isinstance(out_details, dict) else 0
+        ),
+    )
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and value > 0 else 0
+
+
+def response_line(line_id: str, custom_id: str, response: EngineResponse) -> bytes:
+    """A line for the output file (2xx) or the error file (any other status).
+
+    For an HTTP error we fill both `response` (as the engine answered, the hosted API's shape)
+    and `error` (code and message), because some clients read only one of the two.
+    """
+    ok = 200 <= response.status_code < 300
+    error = None if ok else _error_from_body(response.status_code, response.body)
+    line = {
+        "id": line_id,
+        "custom_id": custom_id,
+        "response": {
+            "status_code": response.status_code,
+            "request_id": response.request_id or new_request_id(),
+            "body": response.body,
+        },
+        "error": error,
+    }
+    return (OK_PREFIX if ok else ERROR_PREFIX) + orjson.dumps(line)
+
+
+def error_line(line_id: str, custom_id: str, code: str, message: str) -> bytes:
+    line = {
+        "id": line_id,
+        "custom_id": custom_id,
+        "response": None,
+        "error": {"code": code, "message": message},
+    }
+    return ERROR_PREFIX + orjson.dumps(line)
+
+
+def _error_from_body(status: int, body: Any) -> dict[str, str]:
+    err = body.get("error") if isinstance(body, dict) else None
+    if isinstance(err, dict):
+        code = err.get("code") or err.get("type") or f"http_{status}"
+        message = err.get("message") or f"The request failed with HTTP {status}."
+        return {"code": str(code), "message": str(message)}
+    if isinstance(err, str):
+        return {"code": f"http_{status}", "message": err}
+    return {"code": f"http_{status}", "message": f"The request failed with HTTP {status}."}

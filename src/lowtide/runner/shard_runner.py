@@ -1,0 +1,283 @@
+"""Run one shard under a lease: send its lines to engines, commit results in segments.
+
+Results are committed as a growing prefix of the shard: a segment holds lines
+[committed, committed + n) and the shard row records the new prefix length under the lease's
+fencing number. A worker that resumes the shard starts after the prefix, so no committed line
+runs twice and none is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from lowtide.blobs import BlobStore
+from lowtide.config import WorkerConfig
+from lowtide.engines.base import EngineResponse, TransientEngineError
+from lowtide.engines.router import Router
+from lowtide.ids import request_line_id
+from lowtide.runner.results import OK_PREFIX, error_line, response_line, usage_of
+from lowtide.runner.retry import backoff_seconds, is_retryable_status
+from lowtide.runner.validation import iter_request_lines
+from lowtide.store import work
+from lowtide.store.database import Database
+from lowtide.store.files import blob_key_any
+
+log = logging.getLogger("lowtide.shard")
+
+
+@dataclass
+class RunnerContext:
+    """What every shard run shares within one worker process."""
+
+    db: Database
+    blobs: BlobStore
+    router: Router
+    config: WorkerConfig
+    limiters: dict[str, asyncio.Semaphore] = field(default_factory=dict)
+
+    def limiter(self, route_name: str, size: int) -> asyncio.Semaphore:
+        sem = self.limiters.get(route_name)
+        if sem is None:
+            sem = self.limiters[route_name] = asyncio.Semaphore(size)
+        return sem
+
+
+@dataclass(slots=True)
+class _Done:
+    line: bytes
+    ok: bool
+    input_tokens: int
+    output_tokens: int
+    cached_tokens: int
+    reasoning_tokens: int
+
+
+class ShardRun:
+    def __init__(self, ctx: RunnerContext, claim: work.ShardClaim) -> None:
+        self.ctx = ctx
+        self.claim = claim
+        self.stopping = False  # batch stopped or worker shutting down: finish in-flight, hand back
+        self.lost = False  # lease taken over: commit nothing more
+        self._results: list[_Done | None] = [None] * claim.request_count
+        self._ready = claim.committed  # end of the contiguous finished prefix
+        self._committed = claim.committed
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._commit_lock = asyncio.Lock()
+        self._commit_wanted = asyncio.Event()
+        self._closing = False
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def run(self) -> None:
+        claim = self.claim
+        try:
+            key = await blob_key_any(self.ctx.db, claim.input_file_id)
+            data = await self.ctx.blobs.read_range(key, claim.byte_start, claim.byte_end)
+            lines = iter_request_lines(data)
+            del data
+            if len(lines) != claim.request_count:
+                raise RuntimeError(
+                    f"shard {claim.batch_id}/{claim.idx}: expected {claim.request_count} lines, read {len(lines)}"
+                )
+        except Exception:
+            log.exception("cannot read input for shard %s/%s", claim.batch_id, claim.idx)
+            await work.release_shard(self.ctx.db, claim)
+            return
+        heartbeat = asyncio.create_task(self._heartbeat())
+        committer = asyncio.create_task(self._committer())
+        try:
+            await self._dispatch(lines)
+            await self._drain()
+        finally:
+            self._closing = True
+            self._commit_wanted.set()
+            await committer
+            heartbeat.cancel()
+        if self.lost:
+            return
+        done = self._ready == claim.request_count
+        await self._commit(done=done)
+        if not done and not self.lost:
+            await work.release_shard(self.ctx.db, claim)
+
+    async def _dispatch(self, lines: list[bytes]) -> None:
+        first = (
+            orjson.loads(lines[self.claim.committed]) if self.claim.committed < len(lines) else None
+        )
+        window = asyncio.Semaphore(self._window_size(first))
+        for index in range(self.claim.committed, self.claim.request_count):
+            if self.stopping or self.lost:
+                return
+            await window.acquire()
+            task = asyncio.create_task(self._run_line(index, lines[index], window))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _window_size(self, first: dict[str, Any] | None) -> int:
+        route = self.ctx.router.route_for(str((first or {}).get("body", {}).get("model", "")))
+        return min(1024, 2 * route.max_concurrency) if route else 64
+
+    async def _drain(self) -> None:
+        if not self._tasks:
+            return
+        if not self.stopping:
+            while self._tasks and not self.stopping and not self.lost:
+                await asyncio.wait(set(self._tasks), timeout=0.5)
+        if self._tasks and not self.lost:
+            await asyncio.wait(set(self._tasks), timeout=self.ctx.config.cancel_grace_seconds)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks))
+
+    async def _heartbeat(self) -> None:
+        interval = self.ctx.config.lease_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                state = await work.renew_shard_lease(
+                    self.ctx.db, self.claim, time.time() + self.ctx.config.lease_seconds
+                )
+            except Exception:
+                log.exception(
+                    "lease renewal failed for shard %s/%s", self.claim.batch_id, self.claim.idx
+                )
+                continue
+            if state == "lost":
+                log.warning("lost lease on shard %s/%s", self.claim.batch_id, self.claim.idx)
+                self.lost = True
+                for task in list(self._tasks):
+                    task.cancel()
+                return
+            if state == "stop":
+                self.stopping = True
+
+    # -- one line ------------------------------------------------------------------------
+    async def _run_line(self, index: int, raw: bytes, window: asyncio.Semaphore) -> None:
+        try:
+            done = await self._execute(index, raw)
+        finally:
+            window.release()
+        if done is None:
+            return
+        self._results[index] = done
+        results = self._results
+        ready = self._ready
+        while ready < len(results) and results[ready] is not None:
+            ready += 1
+        self._ready = ready
+        if ready - self._committed >= self.ctx.config.segment_lines:
+            self._commit_wanted.set()
+
+    async def _execute(self, index: int, raw: bytes) -> _Done | None:
+        claim = self.claim
+        line_id = request_line_id(claim.batch_id, claim.first_request + index)
+        request = orjson.loads(raw)
+        custom_id = request["custom_id"]
+        body = request["body"]
+        route = self.ctx.router.route_for(str(body.get("model")))
+        if route is None:
+            message = (
+                f"The provided model '{body.get('model')}' is not served by this Lowtide server."
+            )
+            return _error_done(error_line(line_id, custom_id, "model_not_found", message))
+        engine = self.ctx.router.engine_for(route)
+        limiter = self.ctx.limiter(route.name, route.max_concurrency)
+        cfg = self.ctx.config
+        response: EngineResponse | None = None
+        failure: TransientEngineError | None = None
+        for attempt in range(route.max_retries + 1):
+            async with limiter:
+                try:
+                    response, failure = await engine.execute(claim.endpoint, body), None
+                except TransientEngineError as exc:
+                    response, failure = None, exc
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # an engine bug must fail the line, not the shard
+                    log.exception("engine %s failed on %s", route.name, custom_id)
+                    message = f"The engine failed: {exc.__class__.__name__}: {exc}"
+                    return _error_done(error_line(line_id, custom_id, "engine_error", message))
+            if response is not None and not is_retryable_status(response.status_code):
+                break
+            if attempt == route.max_retries or self.stopping or self.lost:
+                break
+            retry_after = response.retry_after if response is not None else None
+            await asyncio.sleep(
+                backoff_seconds(attempt, cfg.retry_base_seconds, cfg.retry_max_seconds, retry_after)
+            )
+        if self.lost:
+            return None
+        if response is None:
+            assert failure is not None
+            if self.stopping:
+                return None  # left for finalize to report as cancelled/expired
+            return _error_done(error_line(line_id, custom_id, failure.code, failure.message))
+        if self.stopping and is_retryable_status(response.status_code):
+            return None
+        line = response_line(line_id, custom_id, response)
+        usage = usage_of(response.body)
+        return _Done(
+            line,
+            line[:1] == OK_PREFIX,
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.cached_tokens,
+            usage.reasoning_tokens,
+        )
+
+    # -- commits -------------------------------------------------------------------------
+    async def _committer(self) -> None:
+        interval = self.ctx.config.segment_seconds
+        while not self._closing:
+            try:
+                await asyncio.wait_for(self._commit_wanted.wait(), timeout=interval)
+            except TimeoutError:
+                pass
+            self._commit_wanted.clear()
+            if self._closing or self.lost:
+                return
+            if self._ready > self._committed:
+                try:
+                    await self._commit(done=False)
+                except Exception:
+                    log.exception(
+                        "segment commit failed for shard %s/%s", self.claim.batch_id, self.claim.idx
+                    )
+
+    async def _commit(self, *, done: bool) -> None:
+        async with self._commit_lock:
+            first, end = self._committed, self._ready
+            if end == first and not done:
+                return
+            items = [self._results[i] for i in range(first, end)]
+            stats = work.SegmentStats(
+                count=end - first,
+                completed=sum(1 for d in items if d.ok),
+                failed=sum(1 for d in items if not d.ok),
+                input_tokens=sum(d.input_tokens for d in items),
+                output_tokens=sum(d.output_tokens for d in items),
+                cached_tokens=sum(d.cached_tokens for d in items),
+                reasoning_tokens=sum(d.reasoning_tokens for d in items),
+            )
+            key = f"segments/{self.claim.batch_id}/{self.claim.idx:07d}-{first:07d}-{self.claim.epoch}.jsonl"
+            if items:
+                await self.ctx.blobs.put(key, b"\n".join(d.line for d in items) + b"\n")
+            ok = await work.commit_segment(self.ctx.db, self.claim, first, key, stats, done=done)
+            if not ok:
+                self.lost = True
+                if items:
+                    await self.ctx.blobs.delete(key)
+                return
+            for i in range(first, end):
+                self._results[i] = None
+            self._committed = end
+
+
+def _error_done(line: bytes) -> _Done:
+    return _Done(line, False, 0, 0, 0, 0)

@@ -1,0 +1,324 @@
+"""One streaming pass over an input file: check every line, and cut the shard plan as we go.
+
+Memory stays bounded: lines are checked as they stream past, and duplicate `custom_id`s are
+found from an array of 64-bit hashes (8 bytes a line), sorted once at the end. Only when that
+finds a repeated hash does a second pass read the file again to name the offending lines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from lowtide.config import BatchLimits
+
+SUPPORTED_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
+_REQUIRED_INPUT = {
+    "/v1/chat/completions": "messages",
+    "/v1/completions": "prompt",
+    "/v1/embeddings": "input",
+    "/v1/responses": "input",
+}
+_ENDPOINT_LABEL = {
+    "/v1/chat/completions": "Chat Completions",
+    "/v1/completions": "Completions",
+    "/v1/embeddings": "Embeddings",
+    "/v1/responses": "Responses",
+}
+MAX_LINE_BYTES = 64 * 1024 * 1024
+
+
+def iter_request_lines(data: bytes) -> list[bytes]:
+    """The request lines in a byte range, skipping blank ones exactly as validation does."""
+    return [line for line in data.split(b"\n") if line.strip()]
+
+
+@dataclass
+class ValidationResult:
+    total: int
+    shards: list[dict[str, Any]]
+    errors: list[dict[str, Any]]
+    error_count: int
+    models: list[str]
+    duplicate_hashes: set[int] = field(default_factory=set)
+
+
+class _HashLog:
+    """Append-only uint64 log of custom_id hashes, in fixed-size numpy blocks."""
+
+    _BLOCK = 1 << 16
+
+    def __init__(self) -> None:
+        self._blocks: list[np.ndarray] = []
+        self._current = np.empty(self._BLOCK, dtype=np.int64)
+        self._fill = 0
+
+    def add(self, value: int) -> None:
+        self._current[self._fill] = value
+        self._fill += 1
+        if self._fill == self._BLOCK:
+            self._blocks.append(self._current)
+            self._current = np.empty(self._BLOCK, dtype=np.int64)
+            self._fill = 0
+
+    def repeated(self) -> set[int]:
+        values = np.concatenate([*self._blocks, self._current[: self._fill]])
+        values.sort()
+        dup = values[1:][values[1:] == values[:-1]]
+        return {int(v) for v in np.unique(dup)}
+
+
+class FileValidator:
+    def __init__(
+        self, endpoint: str, is_routable: Callable[[str], bool], limits: BatchLimits
+    ) -> None:
+        self.endpoint = endpoint
+        self._is_routable = is_routable
+        self._routable_cache: dict[str, bool] = {}
+        self._limits = limits
+        self._buffer = b""
+        self._buffer_offset = 0  # file offset of _buffer[0]
+        self._skipping_long_line = False
+        self._line_no = 0  # 1-based number of the last line seen
+        self.total = 0
+        self.errors: list[dict[str, Any]] = []
+        self.error_count = 0
+        self.models: dict[str, None] = {}
+        self._hashes = _HashLog()
+        self._shards: list[dict[str, Any]] = []
+        self._shard: dict[str, Any] | None = None
+
+    # -- streaming -----------------------------------------------------------------------
+    def feed(self, chunk: bytes) -> None:
+        data = self._buffer + chunk
+        base = self._buffer_offset
+        start = 0
+        while True:
+            nl = data.find(b"\n", start)
+            if nl < 0:
+                break
+            self._line(data[start:nl], base + start, base + nl + 1)
+            start = nl + 1
+        self._buffer = data[start:]
+        self._buffer_offset = base + start
+        if len(self._buffer) > MAX_LINE_BYTES and not self._skipping_long_line:
+            self._line_no += 1
+            self._error(
+                "line_too_long",
+                self._line_no,
+                None,
+                f"This line is longer than {MAX_LINE_BYTES} bytes.",
+            )
+            self._skipping_long_line = True
+        if self._skipping_long_line:
+            self._buffer_offset += len(self._buffer)
+            self._buffer = b""
+
+    def finish(self) -> ValidationResult:
+        if self._buffer:
+            end = self._buffer_offset + len(self._buffer)
+            self._line(self._buffer, self._buffer_offset, end)
+            self._buffer = b""
+        self._close_shard()
+        if self.total == 0 and self.error_count == 0:
+            self._error("empty_batch", None, None, "The input file contains no requests.")
+        duplicates = self._hashes.repeated() if self.total else set()
+        return ValidationResult(
+            total=self.total,
+            shards=self._shards,
+            errors=self.errors,
+            error_count=self.error_count,
+            models=list(self.models),
+            duplicate_hashes=duplicates,
+        )
+
+    # -- one line ------------------------------------------------------------------------
+    def _line(self, raw: bytes, start: int, end: int) -> None:
+        if self._skipping_long_line:
+            self._skipping_long_line = False
+            self._extend_shard(start, end, request=False)
+            return
+        self._line_no += 1
+        if not raw.strip():
+            self._extend_shard(start, end, request=False)
+            return
+        self._check(raw, self._line_no)
+        self.total += 1
+        if self.total == self._limits.max_lines + 1:
+            self._error(
+                "too_many_tasks",
+                None,
+                None,
+                f"The input file has more than {self._limits.max_lines:,} requests, the limit per batch.",
+            )
+        self._extend_shard(start, end, request=True)
+
+    def _extend_shard(self, start: int, end: int, *, request: bool) -> None:
+        shard = self._shard
+        if shard is None:
+            if not request:
+                return  # blank lines between shards belong to no shard
+            shard = self._shard = {
+                "idx": len(self._shards),
+                "first_request": self.total - 1,
+                "request_count": 0,
+                "first_line": self._line_no,
+                "byte_start": start,
+                "byte_end": end,
+            }
+        shard["byte_end"] = end
+        if request:
+            shard["request_count"] += 1
+            if (
+                shard["request_count"] >= self._limits.shard_lines
+                or end - shard["byte_start"] >= self._limits.shard_bytes
+            ):
+                self._close_shard()
+
+    def _close_shard(self) -> None:
+        if self._shard is not None:
+            self._shards.append(self._shard)
+            self._shard = None
+
+    def _error(self, code: str, line: int | None, param: str | None, message: str) -> None:
+        self.error_count += 1
+        if len(self.errors) < self._limits.max_errors_reported:
+            self.errors.append({"code": code, "line": line, "param": param, "message": message})
+
+    def _check(self, raw: bytes, line: int) -> None:
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            self._error(
+                "invalid_json_line", line, None, "This line is not parseable as valid JSON."
+            )
+            return
+        if not isinstance(obj, dict):
+            self._error("invalid_json_line", line, None, "This line is not a JSON object.")
+            return
+        for name in ("custom_id", "method", "url", "body"):
+            if name not in obj or obj[name] is None:
+                self._error(
+                    "missing_required_parameter",
+                    line,
+                    name,
+                    f"Missing required parameter: '{name}'.",
+                )
+                return
+        custom_id = obj["custom_id"]
+        if not isinstance(custom_id, str) or not custom_id:
+            self._error(
+                "invalid_request", line, "custom_id", "The 'custom_id' must be a non-empty string."
+            )
+            return
+        self._hashes.add(hash(custom_id))
+        if obj["method"] != "POST":
+            self._error(
+                "invalid_method",
+                line,
+                "method",
+                f"Invalid method {obj['method']!r}: only 'POST' is supported.",
+            )
+            return
+        if obj["url"] != self.endpoint:
+            self._error(
+                "invalid_url",
+                line,
+                "url",
+                f"The URL provided for this request ({obj['url']!r}) does not match the batch "
+                f"endpoint ({self.endpoint!r}).",
+            )
+            return
+        body = obj["body"]
+        if not isinstance(body, dict):
+            self._error("invalid_request", line, "body", "The 'body' must be a JSON object.")
+            return
+        if body.get("stream"):
+            label = _ENDPOINT_LABEL.get(self.endpoint, "This endpoint")
+            self._error(
+                "streaming_unsupported",
+                line,
+                "body.stream",
+                f"{label}: Streaming is not supported in the Batch API.",
+            )
+            return
+        model = body.get("model")
+        if not model:
+            self._error("invalid_request", line, "body.model", "Model parameter is required.")
+            return
+        if not isinstance(model, str):
+            self._error("invalid_request", line, "body.model", "Model parameter must be a string.")
+            return
+        if not self._routable(model):
+            self._error(
+                "model_not_found",
+                line,
+                "body.model",
+                f"The provided model '{model}' is not supported by the Batch API.",
+            )
+            return
+        required = _REQUIRED_INPUT.get(self.endpoint)
+        if required and body.get(required) is None:
+            self._error(
+                "invalid_request",
+                line,
+                f"body.{required}",
+                f"{required.capitalize()} parameter is required.",
+            )
+            return
+        if len(self.models) < 16:
+            self.models.setdefault(model, None)
+
+    def _routable(self, model: str) -> bool:
+        known = self._routable_cache.get(model)
+        if known is None:
+            known = self._is_routable(model)
+            if len(self._routable_cache) < 10_000:
+                self._routable_cache[model] = known
+        return known
+
+
+async def locate_duplicates(
+    chunks: AsyncIterator[bytes], hashes: set[int], cap: int
+) -> list[dict[str, Any]]:
+    """Second pass, run only when hashes repeat: report each line reusing an earlier custom_id."""
+    seen: set[str] = set()
+    found: list[dict[str, Any]] = []
+    buffer = b""
+    line_no = 0
+
+    def visit(raw: bytes) -> None:
+        nonlocal line_no
+        line_no += 1
+        if not raw.strip() or len(found) >= cap:
+            return
+        try:
+            custom_id = orjson.loads(raw).get("custom_id")
+        except (orjson.JSONDecodeError, AttributeError):
+            return
+        if not isinstance(custom_id, str) or hash(custom_id) not in hashes:
+            return
+        if custom_id in seen:
+            found.append(
+                {
+                    "code": "duplicate_custom_id",
+                    "line": line_no,
+                    "param": "custom_id",
+                    "message": f"The custom_id '{custom_id}' is used by an earlier line; each must be unique.",
+                }
+            )
+        else:
+            seen.add(custom_id)
+
+    async for chunk in chunks:
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for raw in lines:
+            visit(raw)
+    if buffer:
+        visit(buffer)
+    return found

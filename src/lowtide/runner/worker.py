@@ -1,0 +1,258 @@
+"""The worker loop: expire, validate, run shards, finalize, sweep. Runs in the server by default.
+
+Everything it touches is claimed under a lease in the store, so any number of workers, in any
+number of processes, can run this loop against one database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from lowtide.blobs import BlobStore
+from lowtide.config import Config
+from lowtide.engines.router import Router
+from lowtide.ids import new_worker_id
+from lowtide.runner.finalize import finalize_batch
+from lowtide.runner.shard_runner import RunnerContext, ShardRun
+from lowtide.runner.validation import FileValidator, locate_duplicates
+from lowtide.store import work
+from lowtide.store.database import Database
+from lowtide.store.files import get_file_any_project, take_removable
+
+log = logging.getLogger("lowtide.worker")
+
+_MAX_BATCH_TASKS = 2
+
+
+class Worker:
+    def __init__(self, db: Database, blobs: BlobStore, config: Config, router: Router) -> None:
+        self.id = new_worker_id()
+        self.db = db
+        self.blobs = blobs
+        self.config = config
+        self.router = router
+        self.ctx = RunnerContext(db, blobs, router, config.worker)
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._shards: dict[asyncio.Task[None], ShardRun] = {}
+        self._batch_tasks: set[asyncio.Task[None]] = set()
+        self._last_sweep = 0.0
+        self._last_expiry = 0.0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop_batch(self, batch_id: str) -> None:
+        """Stop this process's shards of a cancelled or expired batch now, not at the next heartbeat."""
+        for run in self._shards.values():
+            if run.claim.batch_id == batch_id:
+                run.stopping = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        log.info("worker %s started", self.id)
+        while not self._stopping:
+            try:
+                await self._tick()
+            except Exception:
+                log.exception("worker tick failed")
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.config.worker.poll_seconds)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Stop claiming, let running shards commit and hand back, within `timeout` seconds."""
+        self._stopping = True
+        self._wake.set()
+        for run in self._shards.values():
+            run.stopping = True
+        pending = set(self._shards) | self._batch_tasks
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=timeout)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.wait(still)
+
+    async def _tick(self) -> None:
+        now = time.time()
+        cfg = self.config.worker
+        if now - self._last_expiry >= 1.0:
+            self._last_expiry = now
+            for batch_id in await work.mark_expired(self.db, now):
+                self.stop_batch(batch_id)
+        while len(self._batch_tasks) < _MAX_BATCH_TASKS and not self._stopping:
+            task = await work.claim_batch_task(self.db, self.id, time.time(), cfg.lease_seconds)
+            if task is None:
+                break
+            self._spawn_batch_task(task)
+        free = cfg.max_active_shards - len(self._shards)
+        if free > 0 and not self._stopping:
+            for claim in await work.claim_shards(
+                self.db, self.id, time.time(), cfg.lease_seconds, free
+            ):
+                self._spawn_shard(claim)
+        if now - self._last_sweep >= cfg.sweep_seconds:
+            self._last_sweep = now
+            await self._sweep(int(now))
+
+    # -- shards --------------------------------------------------------------------------
+    def _spawn_shard(self, claim: work.ShardClaim) -> None:
+        run = ShardRun(self.ctx, claim)
+        task = asyncio.create_task(run.run())
+        self._shards[task] = run
+        task.add_done_callback(self._shard_finished)
+
+    def _shard_finished(self, task: asyncio.Task[None]) -> None:
+        self._shards.pop(task, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("shard run crashed", exc_info=task.exception())
+        self._wake.set()
+
+    # -- validation and finalize ---------------------------------------------------------
+    def _spawn_batch_task(self, task: work.BatchTask) -> None:
+        job = self._validate if task.kind == "validate" else self._finalize
+        t = asyncio.create_task(self._with_lease(task, job))
+        self._batch_tasks.add(t)
+        t.add_done_callback(self._batch_task_finished)
+
+    def _batch_task_finished(self, task: asyncio.Task[None]) -> None:
+        self._batch_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("batch task crashed", exc_info=task.exception())
+        self._wake.set()
+
+    async def _with_lease(
+        self, task: work.BatchTask, job: Callable[[work.BatchTask], object]
+    ) -> None:
+        """Run a batch-level job while renewing its lease; give the lease back if it fails."""
+        lease = self.config.worker.lease_seconds
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(lease / 3)
+                if not await work.renew_batch_lease(
+                    self.db, task.batch["id"], task.epoch, time.time() + lease
+                ):
+                    log.warning("lost lease on batch %s", task.batch["id"])
+                    job_task.cancel()
+                    return
+
+        job_task = asyncio.create_task(job(task))  # type: ignore[arg-type]
+        renewer = asyncio.create_task(renew())
+        try:
+            await job_task
+        except asyncio.CancelledError:
+            if not job_task.cancelled():
+                raise
+        except Exception:
+            log.exception("%s of batch %s failed; retrying in 10 s", task.kind, task.batch["id"])
+            await work.release_batch_lease(self.db, task.batch["id"], task.epoch, time.time() + 10)
+        finally:
+            renewer.cancel()
+
+    async def _finalize(self, task: work.BatchTask) -> None:
+        if await finalize_batch(self.db, self.blobs, task):
+            log.info("batch %s finalized", task.batch["id"])
+
+    async def _validate(self, task: work.BatchTask) -> None:
+        batch = task.batch
+        limits = self.config.batches
+        now = lambda: int(time.time())  # noqa: E731
+        source = await get_file_any_project(self.db, batch["input_file_id"])
+        if (
+            source is None
+            or source["project"] != batch["project"]
+            or source["deleted_at"] is not None
+            or (source["expires_at"] is not None and source["expires_at"] <= now())
+        ):
+            error = {
+                "code": "invalid_request",
+                "line": None,
+                "param": "file_id",
+                "message": f"Cannot find file {batch['input_file_id']}, or project {batch['project']} does not have access to it.",
+            }
+            await work.finish_validation(
+                self.db,
+                batch["id"],
+                task.epoch,
+                now(),
+                shard_rows=[],
+                total=0,
+                model=None,
+                errors=[error],
+            )
+            return
+        if source["purpose"] != "batch":
+            error = {
+                "code": "invalid_request",
+                "line": None,
+                "param": "input_file_id",
+                "message": f"File {source['id']} has purpose '{source['purpose']}'; a batch needs a file with purpose 'batch'.",
+            }
+            await work.finish_validation(
+                self.db,
+                batch["id"],
+                task.epoch,
+                now(),
+                shard_rows=[],
+                total=0,
+                model=None,
+                errors=[error],
+            )
+            return
+        validator = FileValidator(
+            batch["endpoint"], lambda m: self.router.route_for(m) is not None, limits
+        )
+        async for chunk in self.blobs.iter_chunks(source["blob_key"]):
+            validator.feed(chunk)
+            await asyncio.sleep(0)  # let the API answer between chunks
+        result = validator.finish()
+        errors = list(result.errors)
+        if result.duplicate_hashes:
+            errors += await locate_duplicates(
+                self.blobs.iter_chunks(source["blob_key"]),
+                result.duplicate_hashes,
+                limits.max_errors_reported,
+            )
+        errors.sort(key=lambda e: (e["line"] is not None, e["line"] or 0))
+        errors = errors[: limits.max_errors_reported]
+        shard_rows = [
+            {**s, "batch_id": batch["id"], "status": "pending", "lease_epoch": 0, "committed": 0}
+            for s in result.shards
+        ]
+        model = ",".join(result.models[:5]) or None
+        started = await work.finish_validation(
+            self.db,
+            batch["id"],
+            task.epoch,
+            now(),
+            shard_rows=shard_rows,
+            total=result.total,
+            model=model,
+            errors=errors or None,
+        )
+        if started:
+            log.info(
+                "batch %s validated: %d requests, %d shards, %d errors",
+                batch["id"],
+                result.total,
+                len(shard_rows),
+                len(errors),
+            )
+
+    # -- retention -----------------------------------------------------------------------
+    async def _sweep(self, now: int) -> None:
+        keys = await take_removable(self.db, now)
+        for key in keys:
+            await self.blobs.delete(key)
+        if keys:
+            log.info("removed %d expired or deleted files", len(keys))
+        sweep_temp = getattr(self.blobs, "sweep_temp", None)
+        if sweep_temp is not None:
+            sweep_temp(older_than_seconds=24 * 3600)

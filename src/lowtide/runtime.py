@@ -1,0 +1,52 @@
+"""Everything a Lowtide process holds: store, blobs, engines and (optionally) a worker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lowtide.blobs import BlobStore, open_blob_store
+from lowtide.config import Config
+from lowtide.engines.router import Router
+from lowtide.runner.worker import Worker
+from lowtide.store.database import Database, sqlite_url
+
+log = logging.getLogger("lowtide")
+
+
+@dataclass
+class Runtime:
+    config: Config
+    data_dir: Path
+    run_workers: bool = True
+    db: Database = field(init=False)
+    blobs: BlobStore = field(init=False)
+    router: Router = field(init=False)
+    worker: Worker | None = field(init=False, default=None)
+    _worker_task: asyncio.Task[None] | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.db = Database(self.config.database_url or sqlite_url(self.data_dir))
+        self.blobs = open_blob_store(str(self.data_dir))
+        self.router = Router(self.config.routes())
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.db.upgrade)
+        if self.run_workers:
+            self.worker = Worker(self.db, self.blobs, self.config, self.router)
+            self._worker_task = asyncio.create_task(self.worker.run())
+
+    def wake_worker(self) -> None:
+        if self.worker is not None:
+            self.worker.wake()
+
+    async def stop(self) -> None:
+        if self.worker is not None and self._worker_task is not None:
+            await self.worker.stop(timeout=self.config.worker.cancel_grace_seconds)
+            self._worker_task.cancel()
+            await asyncio.gather(self._worker_task, return_exceptions=True)
+        await self.router.close()
+        await self.db.close()

@@ -1,0 +1,119 @@
+"""Batch rows as the API sees them: create, read, list, cancel, and live progress."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, insert, select, update
+
+from lowtide.store.database import Database
+from lowtide.store.schema import batches, shards
+
+TERMINAL = ("completed", "failed", "expired", "cancelled")
+_PROGRESS_COLUMNS = (
+    "completed",
+    "failed",
+    "input_tokens",
+    "output_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+)
+
+
+def new_batch_row(
+    *,
+    batch_id: str,
+    project: str,
+    endpoint: str,
+    input_file_id: str,
+    completion_window: str,
+    window_seconds: int,
+    now: int,
+    metadata_json: str | None = None,
+    output_expires_seconds: int | None = None,
+) -> dict[str, Any]:
+    """A freshly created batch, waiting for a worker to validate it."""
+    zeros = dict.fromkeys(("total", *_PROGRESS_COLUMNS, "lease_epoch"), 0)
+    return {
+        "id": batch_id,
+        "project": project,
+        "endpoint": endpoint,
+        "input_file_id": input_file_id,
+        "completion_window": completion_window,
+        "status": "validating",
+        "created_at": now,
+        "expires_at": now + window_seconds,
+        "metadata": metadata_json,
+        "output_expires_seconds": output_expires_seconds,
+        **zeros,
+    }
+
+
+async def insert_batch(db: Database, row: dict[str, Any]) -> None:
+    async with db.write() as conn:
+        await conn.execute(insert(batches).values(**row))
+
+
+async def get_batch(db: Database, project: str, batch_id: str) -> dict[str, Any] | None:
+    async with db.read() as conn:
+        row = (
+            await conn.execute(
+                select(batches).where(batches.c.id == batch_id, batches.c.project == project)
+            )
+        ).first()
+    return dict(row._mapping) if row else None
+
+
+async def list_batches(
+    db: Database, project: str, *, limit: int, after: str | None
+) -> tuple[list[dict[str, Any]], bool]:
+    query = select(batches).where(batches.c.project == project)
+    async with db.read() as conn:
+        if after:
+            cursor = (
+                await conn.execute(
+                    select(batches.c.seq).where(batches.c.id == after, batches.c.project == project)
+                )
+            ).scalar()
+            if cursor is not None:
+                query = query.where(batches.c.seq < cursor)
+        rows = (await conn.execute(query.order_by(batches.c.seq.desc()).limit(limit + 1))).all()
+    return [dict(r._mapping) for r in rows[:limit]], len(rows) > limit
+
+
+async def live_progress(db: Database, batch_ids: list[str]) -> dict[str, dict[str, int]]:
+    """Counts and usage committed so far, summed over each running batch's shards."""
+    if not batch_ids:
+        return {}
+    columns = [func.coalesce(func.sum(shards.c[name]), 0).label(name) for name in _PROGRESS_COLUMNS]
+    async with db.read() as conn:
+        rows = (
+            await conn.execute(
+                select(shards.c.batch_id, *columns)
+                .where(shards.c.batch_id.in_(batch_ids))
+                .group_by(shards.c.batch_id)
+            )
+        ).all()
+    return {r.batch_id: {name: int(getattr(r, name)) for name in _PROGRESS_COLUMNS} for r in rows}
+
+
+async def request_cancel(
+    db: Database, project: str, batch_id: str, now: int
+) -> dict[str, Any] | None:
+    """Move a running batch to cancelling; returns the row as it is afterwards."""
+    async with db.write() as conn:
+        await conn.execute(
+            update(batches)
+            .where(
+                batches.c.id == batch_id,
+                batches.c.project == project,
+                batches.c.status.in_(("validating", "in_progress")),
+            )
+            .values(status="cancelling", cancelling_at=now, stop_reason="cancelled")
+        )
+        row = (
+            await conn.execute(
+                select(batches).where(batches.c.id == batch_id, batches.c.project == project)
+            )
+        ).first()
+    return dict(row._mapping) if row else None

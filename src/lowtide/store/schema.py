@@ -1,0 +1,114 @@
+"""Tables. Shards, not requests, are rows: a 5M-line batch is a few thousand rows."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+files = Table(
+    "files",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(64), nullable=False, unique=True),
+    Column("project", String(128), nullable=False),
+    Column("filename", Text, nullable=False),
+    Column("purpose", String(32), nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=True),
+    Column("blob_key", Text, nullable=False),
+    # Deleted files vanish from the API at once; the sweeper removes the blob once no
+    # unfinished batch still reads it.
+    Column("deleted_at", BigInteger, nullable=True),
+    Index("ix_files_project_seq", "project", "seq"),
+    Index("ix_files_expires_at", "expires_at"),
+)
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(64), nullable=False, unique=True),
+    Column("project", String(128), nullable=False),
+    Column("endpoint", String(64), nullable=False),
+    Column("input_file_id", String(64), nullable=False),
+    Column("completion_window", String(16), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("in_progress_at", BigInteger),
+    Column("expires_at", BigInteger),
+    Column("finalizing_at", BigInteger),
+    Column("completed_at", BigInteger),
+    Column("failed_at", BigInteger),
+    Column("expired_at", BigInteger),
+    Column("cancelling_at", BigInteger),
+    Column("cancelled_at", BigInteger),
+    Column("output_file_id", String(64)),
+    Column("error_file_id", String(64)),
+    Column("errors", Text),
+    Column("metadata", Text),
+    Column("output_expires_seconds", BigInteger),
+    Column("model", Text),
+    # Why the batch must stop early: 'cancelled' or 'expired'; null while it may run on.
+    Column("stop_reason", String(16)),
+    Column("total", BigInteger, nullable=False, default=0),
+    # Final counts and usage, written once at finalize; while running they are summed from shards.
+    Column("completed", BigInteger, nullable=False, default=0),
+    Column("failed", BigInteger, nullable=False, default=0),
+    Column("input_tokens", BigInteger, nullable=False, default=0),
+    Column("output_tokens", BigInteger, nullable=False, default=0),
+    Column("cached_tokens", BigInteger, nullable=False, default=0),
+    Column("reasoning_tokens", BigInteger, nullable=False, default=0),
+    # Lease for the batch-level tasks (validation, finalize): owner, expiry, fencing number.
+    Column("lease_owner", String(64)),
+    Column("lease_expires_at", Float),
+    Column("lease_epoch", BigInteger, nullable=False, default=0),
+    Index("ix_batches_project_seq", "project", "seq"),
+    Index("ix_batches_status", "status"),
+)
+
+shards = Table(
+    "shards",
+    metadata,
+    Column("batch_id", String(64), primary_key=True),
+    Column("idx", Integer, primary_key=True, autoincrement=False),
+    Column("first_request", BigInteger, nullable=False),
+    Column("request_count", Integer, nullable=False),
+    Column("first_line", BigInteger, nullable=False),
+    Column("byte_start", BigInteger, nullable=False),
+    Column("byte_end", BigInteger, nullable=False),
+    Column("status", String(16), nullable=False),  # pending | running | done
+    Column("lease_owner", String(64)),
+    Column("lease_expires_at", Float),
+    Column("lease_epoch", BigInteger, nullable=False, default=0),
+    # Requests [0, committed) of this shard have results in committed segments.
+    Column("committed", Integer, nullable=False, default=0),
+    Column("completed", Integer, nullable=False, default=0),
+    Column("failed", Integer, nullable=False, default=0),
+    Column("input_tokens", BigInteger, nullable=False, default=0),
+    Column("output_tokens", BigInteger, nullable=False, default=0),
+    Column("cached_tokens", BigInteger, nullable=False, default=0),
+    Column("reasoning_tokens", BigInteger, nullable=False, default=0),
+    Index("ix_shards_status", "status", "batch_id"),
+)
+
+segments = Table(
+    "segments",
+    metadata,
+    Column("batch_id", String(64), primary_key=True),
+    Column("shard_idx", Integer, primary_key=True, autoincrement=False),
+    Column("first", Integer, primary_key=True, autoincrement=False),
+    Column("count", Integer, nullable=False),
+    Column("blob_key", Text, nullable=False),
+)
