@@ -3,53 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import select
 import subprocess
-import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import support
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 CHAT = {"model": "sim-model", "messages": [{"role": "user", "content": "hello there"}]}
 
 
-def _start(*flags: str, timeout: float = 10.0) -> tuple[subprocess.Popen, str]:
-    """Start the simulator on a free port and return (process, base URL ending /v1)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lowtide.sim.upstream", "--port", "0", *flags],
-        stdout=subprocess.PIPE,
-        env=env,
-        text=True,
-    )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], deadline - time.monotonic())
-        if not ready:
-            break
-        line = proc.stdout.readline()
-        if not line:  # process exited before becoming ready
-            break
-        if line.startswith("READY "):
-            return proc, line.split()[1]
-    _stop(proc)
-    raise RuntimeError(f"simulator did not print READY (exit code {proc.poll()})")
+def _start(*flags: str) -> tuple[subprocess.Popen, str]:
+    return support.start_sim(*flags)
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    support.stop_process(proc)
 
 
 @pytest.fixture

@@ -145,6 +145,7 @@ class Worker:
 
         job_task = asyncio.create_task(job(task))  # type: ignore[arg-type]
         renewer = asyncio.create_task(renew())
+        retry_at: float | None = None
         try:
             await job_task
         except asyncio.CancelledError:
@@ -152,9 +153,12 @@ class Worker:
                 raise
         except Exception:
             log.exception("%s of batch %s failed; retrying in 10 s", task.kind, task.batch["id"])
-            await work.release_batch_lease(self.db, task.batch["id"], task.epoch, time.time() + 10)
+            retry_at = time.time() + 10
         finally:
             renewer.cancel()
+        # A no-op when the job already moved the batch on (that bumps nothing but clears the
+        # lease); otherwise the batch is free for the next claim at once, or after retry_at.
+        await work.release_batch_lease(self.db, task.batch["id"], task.epoch, retry_at)
 
     async def _finalize(self, task: work.BatchTask) -> None:
         if await finalize_batch(self.db, self.blobs, task):

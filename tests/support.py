@@ -1,0 +1,186 @@
+"""Real processes for tests: the simulated upstream and the Lowtide server, on free ports."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from openai import OpenAI
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_sim(*flags: str, timeout: float = 15.0) -> tuple[subprocess.Popen, str]:
+    """Start the simulated upstream; returns (process, base URL ending in /v1)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lowtide.sim.upstream", "--port", "0", *flags],
+        stdout=subprocess.PIPE,
+        env=_env(),
+        text=True,
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], deadline - time.monotonic())
+        if not ready:
+            break
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if line.startswith("READY "):
+            return proc, line.split()[1]
+    stop_process(proc)
+    raise RuntimeError(f"simulator did not print READY (exit code {proc.poll()})")
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def sim_stats(sim_url: str) -> dict:
+    return httpx.get(sim_url.removesuffix("/v1") + "/sim/stats").json()
+
+
+def sim_config(sim_url: str, **changes: object) -> None:
+    httpx.post(sim_url.removesuffix("/v1") + "/sim/config", json=changes).raise_for_status()
+
+
+class LowtideServer:
+    """`lowtide serve` as a subprocess, restartable on the same port and data folder."""
+
+    def __init__(self, data_dir: Path, config_text: str) -> None:
+        self.data_dir = data_dir
+        self.config_path = data_dir.parent / f"{data_dir.name}.toml"
+        self.config_path.write_text(config_text)
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.proc: subprocess.Popen | None = None
+        self.log_path = data_dir.parent / f"{data_dir.name}.log"
+
+    def start(self, timeout: float = 30.0) -> LowtideServer:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "lowtide.cli", "serve",
+                "--port", str(self.port),
+                "--data-dir", str(self.data_dir),
+                "--config", str(self.config_path),
+                "--log-level", "info",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=_env(),
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"lowtide exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"lowtide did not become ready:\n{self.log()}")
+
+    def kill(self) -> None:
+        """SIGKILL: the crash case."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:] if self.log_path.exists() else ""
+
+    def client(self, api_key: str = "sk-test", **kwargs: object) -> OpenAI:
+        return OpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, timeout=30, **kwargs)
+
+
+def make_config(sim_url: str | None = None, extra: str = "", *, models: str | None = None) -> str:
+    """A configuration tuned for fast tests: short leases, fast polling, small segments."""
+    if models is None:
+        models = ""
+        if sim_url:
+            models += f"""
+[[models]]
+name = "sim-model"
+engine = "openai"
+base_url = "{sim_url}"
+max_concurrency = 32
+timeout = 2
+max_retries = 8
+"""
+        models += """
+[[models]]
+name = "lowtide-echo"
+engine = "echo"
+"""
+    return f"""{models}
+[worker]
+lease_seconds = 3
+poll_seconds = 0.1
+segment_lines = 50
+segment_seconds = 0.3
+retry_base_seconds = 0.05
+retry_max_seconds = 0.5
+cancel_grace_seconds = 5
+
+[batches]
+min_completion_window = "1s"
+{extra}
+"""
+
+
+def wait_for_batch(client: OpenAI, batch_id: str, timeout: float = 60, statuses: tuple[str, ...] | None = None):
+    terminal = statuses or ("completed", "failed", "expired", "cancelled")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in terminal:
+            return batch
+        time.sleep(0.1)
+    raise TimeoutError(f"batch {batch_id} still {batch.status} after {timeout}s")
+
+
+def chat_line(custom_id: str, content: str, model: str = "sim-model", **body: object) -> dict:
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": model, "messages": [{"role": "user", "content": content}], **body},
+    }
+
+
+def jsonl(lines: list[dict]) -> bytes:
+    import json
+
+    return "".join(json.dumps(line) + "\n" for line in lines).encode()
