@@ -86,11 +86,18 @@ class LowtideServer:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
             [
-                sys.executable, "-m", "lowtide.cli", "serve",
-                "--port", str(self.port),
-                "--data-dir", str(self.data_dir),
-                "--config", str(self.config_path),
-                "--log-level", "info",
+                sys.executable,
+                "-m",
+                "lowtide.cli",
+                "serve",
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(self.data_dir),
+                "--config",
+                str(self.config_path),
+                "--log-level",
+                "info",
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -160,7 +167,9 @@ min_completion_window = "1s"
 """
 
 
-def wait_for_batch(client: OpenAI, batch_id: str, timeout: float = 60, statuses: tuple[str, ...] | None = None):
+def wait_for_batch(
+    client: OpenAI, batch_id: str, timeout: float = 60, statuses: tuple[str, ...] | None = None
+):
     terminal = statuses or ("completed", "failed", "expired", "cancelled")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -6,7 +6,6 @@ import io
 import json
 
 import pytest
-
 from support import chat_line, jsonl, sim_stats, wait_for_batch
 
 
@@ -25,7 +24,12 @@ def _read_lines(client, file_id: str | None) -> list[dict]:
 def test_quick_start_chat_batch(client, sim_url):
     lines = [chat_line(f"req-{i}", f"question number {i}") for i in range(120)]
     f = _upload(client, lines)
-    assert f.purpose == "batch" and f.bytes > 0 and f.status == "processed" and f.filename == "requests.jsonl"
+    assert (
+        f.purpose == "batch"
+        and f.bytes > 0
+        and f.status == "processed"
+        and f.filename == "requests.jsonl"
+    )
     assert f.expires_at is not None and f.expires_at - f.created_at == 30 * 86400
 
     b = client.batches.create(
@@ -41,7 +45,11 @@ def test_quick_start_chat_batch(client, sim_url):
 
     b = wait_for_batch(client, b.id)
     assert b.status == "completed", b
-    assert b.request_counts.total == 120 and b.request_counts.completed == 120 and b.request_counts.failed == 0
+    assert (
+        b.request_counts.total == 120
+        and b.request_counts.completed == 120
+        and b.request_counts.failed == 0
+    )
     for stamp in (b.in_progress_at, b.finalizing_at, b.completed_at):
         assert stamp is not None and stamp >= b.created_at
     assert b.failed_at is None and b.cancelled_at is None and b.expired_at is None
@@ -54,7 +62,9 @@ def test_quick_start_chat_batch(client, sim_url):
     assert first["id"].startswith("batch_req_") and first["error"] is None
     assert first["response"]["status_code"] == 200
     assert first["response"]["request_id"].startswith("req_")
-    assert first["response"]["body"]["choices"][0]["message"]["content"] == "echo: question number 0"
+    assert (
+        first["response"]["body"]["choices"][0]["message"]["content"] == "echo: question number 0"
+    )
 
     expected_in = sum(o["response"]["body"]["usage"]["prompt_tokens"] for o in out)
     expected_out = sum(o["response"]["body"]["usage"]["completion_tokens"] for o in out)
@@ -62,23 +72,36 @@ def test_quick_start_chat_batch(client, sim_url):
     assert b.usage.total_tokens == expected_in + expected_out
 
     meta = client.files.retrieve(b.output_file_id)
-    assert meta.purpose == "batch_output" and meta.bytes == len(client.files.content(b.output_file_id).content)
+    assert meta.purpose == "batch_output" and meta.bytes == len(
+        client.files.content(b.output_file_id).content
+    )
 
 
 @pytest.mark.parametrize(
     ("endpoint", "body", "check"),
     [
-        ("/v1/completions", {"prompt": "once upon a time"}, lambda body: body["choices"][0]["text"]),
+        (
+            "/v1/completions",
+            {"prompt": "once upon a time"},
+            lambda body: body["choices"][0]["text"],
+        ),
         ("/v1/embeddings", {"input": ["alpha", "beta"]}, lambda body: len(body["data"]) == 2),
         ("/v1/responses", {"input": "hello"}, lambda body: body["output"]),
     ],
 )
 def test_other_endpoints(client, endpoint, body, check):
     lines = [
-        {"custom_id": f"x{i}", "method": "POST", "url": endpoint, "body": {"model": "sim-model", **body}}
+        {
+            "custom_id": f"x{i}",
+            "method": "POST",
+            "url": endpoint,
+            "body": {"model": "sim-model", **body},
+        }
         for i in range(5)
     ]
-    b = client.batches.create(input_file_id=_upload(client, lines).id, endpoint=endpoint, completion_window="24h")
+    b = client.batches.create(
+        input_file_id=_upload(client, lines).id, endpoint=endpoint, completion_window="24h"
+    )
     b = wait_for_batch(client, b.id)
     assert b.status == "completed" and b.request_counts.completed == 5
     out = _read_lines(client, b.output_file_id)
@@ -91,9 +114,14 @@ def test_http_errors_go_to_the_error_file_with_both_shapes(client):
         chat_line("ok-1", "fine"),
         chat_line("bad-1", "rejected", sim_fault=400),
         chat_line("ok-2", "fine too"),
-        chat_line("gone-1", "unknown model", model="sim-model") | {"body": {"model": "sim-model", "messages": [], "sim_fault": 404}},
+        chat_line("gone-1", "unknown model", model="sim-model")
+        | {"body": {"model": "sim-model", "messages": [], "sim_fault": 404}},
     ]
-    b = client.batches.create(input_file_id=_upload(client, lines).id, endpoint="/v1/chat/completions", completion_window="24h")
+    b = client.batches.create(
+        input_file_id=_upload(client, lines).id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
     b = wait_for_batch(client, b.id)
     assert b.status == "completed"
     assert (b.request_counts.completed, b.request_counts.failed) == (2, 2)
@@ -108,7 +136,11 @@ def test_http_errors_go_to_the_error_file_with_both_shapes(client):
 
 def test_all_failed_batch_has_null_output_file(client):
     lines = [chat_line(f"bad-{i}", "x", sim_fault=422) for i in range(3)]
-    b = client.batches.create(input_file_id=_upload(client, lines).id, endpoint="/v1/chat/completions", completion_window="24h")
+    b = client.batches.create(
+        input_file_id=_upload(client, lines).id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
     b = wait_for_batch(client, b.id)
     assert b.status == "completed"
     assert b.output_file_id is None and b.error_file_id is not None
@@ -117,15 +149,28 @@ def test_all_failed_batch_has_null_output_file(client):
 
 def test_retryable_failures_are_retried_until_success(client, sim_url):
     lines = [chat_line(f"flaky-{i}", f"try {i}", sim_fail_first=2, sim_fault=503) for i in range(5)]
-    lines += [chat_line(f"ratelimited-{i}", f"try {i}", sim_fail_first=1, sim_fault=429) for i in range(5)]
-    b = client.batches.create(input_file_id=_upload(client, lines).id, endpoint="/v1/chat/completions", completion_window="24h")
+    lines += [
+        chat_line(f"ratelimited-{i}", f"try {i}", sim_fail_first=1, sim_fault=429) for i in range(5)
+    ]
+    b = client.batches.create(
+        input_file_id=_upload(client, lines).id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
     b = wait_for_batch(client, b.id)
-    assert b.status == "completed" and b.request_counts.completed == 10, _read_lines(client, b.error_file_id)
+    assert b.status == "completed" and b.request_counts.completed == 10, _read_lines(
+        client, b.error_file_id
+    )
 
 
 def test_list_batches_pages_newest_first(client):
     f = _upload(client, [chat_line("one", "x", model="lowtide-echo")])
-    ids = [client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h").id for _ in range(5)]
+    ids = [
+        client.batches.create(
+            input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+        ).id
+        for _ in range(5)
+    ]
     first_page = client.batches.list(limit=2)
     assert [b.id for b in first_page.data] == ids[::-1][:2] and first_page.has_more
     seen = [b.id for b in client.batches.list(limit=2)]  # the SDK follows has_more + after
@@ -157,6 +202,10 @@ def test_openapi_and_health(server):
 def test_sim_saw_each_line_once_without_faults(sim_url, client):
     before = sim_stats(sim_url)["max_per_body"]
     lines = [chat_line(f"unique-{i}", f"unique body {i} for counting") for i in range(30)]
-    b = client.batches.create(input_file_id=_upload(client, lines).id, endpoint="/v1/chat/completions", completion_window="24h")
+    b = client.batches.create(
+        input_file_id=_upload(client, lines).id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
     wait_for_batch(client, b.id)
     assert sim_stats(sim_url)["max_per_body"] == max(before, 1)

@@ -7,12 +7,16 @@ import io
 import httpx
 import pytest
 from openai import AuthenticationError, NotFoundError
-
 from support import chat_line, jsonl, make_config, wait_for_batch
 
 
 def test_file_lifecycle_and_pagination(client):
-    ids = [client.files.create(file=(f"f{i}.jsonl", io.BytesIO(jsonl([chat_line("a", str(i))]))), purpose="batch").id for i in range(5)]
+    ids = [
+        client.files.create(
+            file=(f"f{i}.jsonl", io.BytesIO(jsonl([chat_line("a", str(i))]))), purpose="batch"
+        ).id
+        for i in range(5)
+    ]
     page = client.files.list(limit=2, order="asc", purpose="batch")
     assert page.has_more and len(page.data) == 2
     every = [f.id for f in client.files.list(limit=2, order="asc", purpose="batch")]
@@ -34,7 +38,8 @@ def test_other_purposes_and_expiry(client):
     f = client.files.create(file=("notes.txt", io.BytesIO(b"anything")), purpose="user_data")
     assert f.expires_at is None
     f = client.files.create(
-        file=("e.jsonl", io.BytesIO(jsonl([chat_line("a", "b")]))), purpose="batch",
+        file=("e.jsonl", io.BytesIO(jsonl([chat_line("a", "b")]))),
+        purpose="batch",
         expires_after={"anchor": "created_at", "seconds": 3600},
     )
     assert f.expires_at == f.created_at + 3600
@@ -44,7 +49,9 @@ def test_other_purposes_and_expiry(client):
         client.files.create(file=("x", io.BytesIO(b"x")), purpose="nonsense")
     with pytest.raises(BadRequestError):
         client.files.create(
-            file=("e.jsonl", io.BytesIO(b"{}")), purpose="batch", expires_after={"anchor": "created_at", "seconds": 10}
+            file=("e.jsonl", io.BytesIO(b"{}")),
+            purpose="batch",
+            expires_after={"anchor": "created_at", "seconds": 10},
         )
 
 
@@ -67,7 +74,9 @@ def test_projects_are_isolated_and_keys_checked(make_server, sim_url):
     srv = make_server(make_config(sim_url) + keys).start()
     a, b = srv.client("sk-a"), srv.client("sk-b")
     f = a.files.create(file=("in.jsonl", io.BytesIO(jsonl([chat_line("x", "y")]))), purpose="batch")
-    batch = a.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    batch = a.batches.create(
+        input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
     done = wait_for_batch(a, batch.id)
     assert done.status == "completed"
     for call in (
@@ -82,7 +91,12 @@ def test_projects_are_isolated_and_keys_checked(make_server, sim_url):
             call()
     assert b.files.list().data == [] and b.batches.list().data == []
     # B's batch over A's file fails: the file does not exist for B.
-    other = wait_for_batch(b, b.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h").id)
+    other = wait_for_batch(
+        b,
+        b.batches.create(
+            input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+        ).id,
+    )
     assert other.status == "failed" and other.errors.data[0].param == "file_id"
     with pytest.raises(AuthenticationError) as info:
         srv.client("sk-wrong").files.list()
@@ -98,7 +112,21 @@ def test_non_loopback_without_keys_is_refused(tmp_path):
     from support import _env
 
     proc = subprocess.run(
-        [sys.executable, "-m", "lowtide.cli", "serve", "--host", "0.0.0.0", "--port", "1", "--data-dir", str(tmp_path)],
-        capture_output=True, text=True, env=_env(), timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "lowtide.cli",
+            "serve",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "1",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
     )
     assert proc.returncode == 2 and "no API keys" in proc.stderr

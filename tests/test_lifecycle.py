@@ -10,14 +10,23 @@ from collections import Counter
 
 import pytest
 from openai import ConflictError
-
-from support import chat_line, jsonl, make_config, sim_stats, start_sim, stop_process, wait_for_batch
+from support import (
+    chat_line,
+    jsonl,
+    make_config,
+    sim_stats,
+    start_sim,
+    stop_process,
+    wait_for_batch,
+)
 
 
 def _create(client, n: int, prefix: str = "r", window: str = "24h", model: str = "sim-model"):
     lines = [chat_line(f"{prefix}-{i}", f"{prefix} body {i}", model=model) for i in range(n)]
     f = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
-    return client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window=window)
+    return client.batches.create(
+        input_file_id=f.id, endpoint="/v1/chat/completions", completion_window=window
+    )
 
 
 def _lines(client, file_id):
@@ -52,7 +61,9 @@ def slow_sim():
 
 
 def _slow_config(sim_url: str, concurrency: int = 4, extra: str = "") -> str:
-    return make_config(sim_url, extra).replace("max_concurrency = 32", f"max_concurrency = {concurrency}")
+    return make_config(sim_url, extra).replace(
+        "max_concurrency = 32", f"max_concurrency = {concurrency}"
+    )
 
 
 def test_cancel_in_progress_keeps_finished_lines(make_server, slow_sim):
@@ -92,7 +103,12 @@ def test_cancel_finished_batches_is_409(client):
     assert "Cannot cancel a batch with status 'completed'" in info.value.message
     assert info.value.response.headers.get("x-should-retry") == "false"
     bad = client.files.create(file=("x.jsonl", io.BytesIO(b'{"broken": \n')), purpose="batch")
-    failed = wait_for_batch(client, client.batches.create(input_file_id=bad.id, endpoint="/v1/chat/completions", completion_window="24h").id)
+    failed = wait_for_batch(
+        client,
+        client.batches.create(
+            input_file_id=bad.id, endpoint="/v1/chat/completions", completion_window="24h"
+        ).id,
+    )
     assert failed.status == "failed"
     with pytest.raises(ConflictError):
         client.batches.cancel(failed.id)
@@ -108,7 +124,10 @@ def test_expiry_keeps_finished_lines(make_server, slow_sim):
     out, err = _exactly_once(client, final, 300)
     assert 0 < len(out) < 300
     assert {e["error"]["code"] for e in err} == {"batch_expired"}
-    assert err[0]["error"]["message"] == "This request could not be executed before the completion window expired."
+    assert (
+        err[0]["error"]["message"]
+        == "This request could not be executed before the completion window expired."
+    )
     assert final.request_counts.total == 300 and final.request_counts.completed == len(out)
     with pytest.raises(ConflictError):
         client.batches.cancel(final.id)
@@ -147,8 +166,18 @@ def test_sigterm_hands_work_back_and_restart_finishes(make_server, slow_sim):
 
 def test_transient_faults_lose_no_line(make_server):
     proc, url = start_sim(
-        "--rate-429", "0.05", "--rate-500", "0.05", "--rate-timeout", "0.05",
-        "--rate-drop", "0.05", "--hang-seconds", "3", "--seed", "7",
+        "--rate-429",
+        "0.05",
+        "--rate-500",
+        "0.05",
+        "--rate-timeout",
+        "0.05",
+        "--rate-drop",
+        "0.05",
+        "--hang-seconds",
+        "3",
+        "--seed",
+        "7",
     )
     try:
         srv = make_server(make_config(url)).start()

@@ -6,7 +6,6 @@ import io
 
 import pytest
 from openai import BadRequestError
-
 from support import chat_line, jsonl, make_config, wait_for_batch
 
 
@@ -18,7 +17,9 @@ def _run(client, raw: bytes, endpoint: str = "/v1/chat/completions"):
 
 def _errors(batch) -> list[tuple[str, int | None, str | None]]:
     assert batch.status == "failed", batch
-    assert batch.failed_at is not None and batch.output_file_id is None and batch.error_file_id is None
+    assert (
+        batch.failed_at is not None and batch.output_file_id is None and batch.error_file_id is None
+    )
     return [(e.code, e.line, e.param) for e in batch.errors.data]
 
 
@@ -30,20 +31,69 @@ GOOD = chat_line("good", "fine")
     [
         (b'{"custom_id": "x", "method": "POST", ', ("invalid_json_line", 2, None)),
         (b'["not", "an", "object"]', ("invalid_json_line", 2, None)),
-        (jsonl([{"method": "POST", "url": "/v1/chat/completions", "body": {}}]), ("missing_required_parameter", 2, "custom_id")),
-        (jsonl([{"custom_id": "x", "url": "/v1/chat/completions", "body": {}}]), ("missing_required_parameter", 2, "method")),
-        (jsonl([{"custom_id": "x", "method": "POST", "body": {}}]), ("missing_required_parameter", 2, "url")),
-        (jsonl([{"custom_id": "x", "method": "POST", "url": "/v1/chat/completions"}]), ("missing_required_parameter", 2, "body")),
+        (
+            jsonl([{"method": "POST", "url": "/v1/chat/completions", "body": {}}]),
+            ("missing_required_parameter", 2, "custom_id"),
+        ),
+        (
+            jsonl([{"custom_id": "x", "url": "/v1/chat/completions", "body": {}}]),
+            ("missing_required_parameter", 2, "method"),
+        ),
+        (
+            jsonl([{"custom_id": "x", "method": "POST", "body": {}}]),
+            ("missing_required_parameter", 2, "url"),
+        ),
+        (
+            jsonl([{"custom_id": "x", "method": "POST", "url": "/v1/chat/completions"}]),
+            ("missing_required_parameter", 2, "body"),
+        ),
         (jsonl([chat_line("x", "y") | {"method": "GET"}]), ("invalid_method", 2, "method")),
         (jsonl([chat_line("x", "y") | {"url": "/v1/embeddings"}]), ("invalid_url", 2, "url")),
         (jsonl([chat_line("x", "y", stream=True)]), ("streaming_unsupported", 2, "body.stream")),
-        (jsonl([{"custom_id": "x", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": []}}]), ("invalid_request", 2, "body.model")),
+        (
+            jsonl(
+                [
+                    {
+                        "custom_id": "x",
+                        "method": "POST",
+                        "url": "/v1/chat/completions",
+                        "body": {"messages": []},
+                    }
+                ]
+            ),
+            ("invalid_request", 2, "body.model"),
+        ),
         (jsonl([chat_line("x", "y", model="no-such-model")]), ("model_not_found", 2, "body.model")),
-        (jsonl([{"custom_id": "x", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "sim-model"}}]), ("invalid_request", 2, "body.messages")),
+        (
+            jsonl(
+                [
+                    {
+                        "custom_id": "x",
+                        "method": "POST",
+                        "url": "/v1/chat/completions",
+                        "body": {"model": "sim-model"},
+                    }
+                ]
+            ),
+            ("invalid_request", 2, "body.messages"),
+        ),
         (jsonl([chat_line("good", "again")]), ("duplicate_custom_id", 2, "custom_id")),
     ],
-    ids=["bad-json", "not-object", "no-custom-id", "no-method", "no-url", "no-body", "get", "url-mismatch",
-         "stream", "no-model", "unknown-model", "no-messages", "duplicate"],
+    ids=[
+        "bad-json",
+        "not-object",
+        "no-custom-id",
+        "no-method",
+        "no-url",
+        "no-body",
+        "get",
+        "url-mismatch",
+        "stream",
+        "no-model",
+        "unknown-model",
+        "no-messages",
+        "duplicate",
+    ],
 )
 def test_bad_line_fails_batch(client, bad_line, expected):
     raw = jsonl([GOOD]) + bad_line.rstrip(b"\n") + b"\n" + jsonl([chat_line("after", "z")])
@@ -76,7 +126,9 @@ def test_several_models_in_one_file_are_allowed(client):
 
 
 def test_missing_input_file_fails_batch(client):
-    b = client.batches.create(input_file_id="file-missing", endpoint="/v1/chat/completions", completion_window="24h")
+    b = client.batches.create(
+        input_file_id="file-missing", endpoint="/v1/chat/completions", completion_window="24h"
+    )
     b = wait_for_batch(client, b.id)
     assert _errors(b) == [("invalid_request", None, "file_id")]
 
@@ -102,20 +154,37 @@ def test_empty_and_non_jsonl_files_are_rejected_at_upload(client):
 )
 def test_create_time_errors(client, kwargs, param):
     f = client.files.create(file=("in.jsonl", io.BytesIO(jsonl([GOOD]))), purpose="batch")
-    args = {"input_file_id": f.id, "endpoint": "/v1/chat/completions", "completion_window": "24h", **kwargs}
+    args = {
+        "input_file_id": f.id,
+        "endpoint": "/v1/chat/completions",
+        "completion_window": "24h",
+        **kwargs,
+    }
     with pytest.raises(BadRequestError) as info:
         client.batches.create(**args)
     assert info.value.param == param
-    assert info.value.body["type"] == "invalid_request_error" if isinstance(info.value.body, dict) else True
+    assert (
+        info.value.body["type"] == "invalid_request_error"
+        if isinstance(info.value.body, dict)
+        else True
+    )
 
 
 def test_missing_required_create_fields(server):
     import httpx
 
-    r = httpx.post(server.base_url + "/batches", json={"endpoint": "/v1/chat/completions"}, headers={"Authorization": "Bearer k"})
+    r = httpx.post(
+        server.base_url + "/batches",
+        json={"endpoint": "/v1/chat/completions"},
+        headers={"Authorization": "Bearer k"},
+    )
     assert r.status_code == 400
     assert r.json()["error"]["param"] in ("input_file_id", "completion_window")
-    r = httpx.post(server.base_url + "/batches", content=b"{not json", headers={"Authorization": "Bearer k", "Content-Type": "application/json"})
+    r = httpx.post(
+        server.base_url + "/batches",
+        content=b"{not json",
+        headers={"Authorization": "Bearer k", "Content-Type": "application/json"},
+    )
     assert r.status_code == 400 and "error" in r.json()
 
 
@@ -127,6 +196,14 @@ def test_too_many_lines_and_size_limit(make_server, sim_url):
     from openai import APIStatusError
 
     with pytest.raises(APIStatusError) as info:
-        client.files.create(file=("big.jsonl", io.BytesIO(jsonl([chat_line(f"t{i}", "x" * 100) for i in range(20)]))), purpose="batch")
+        client.files.create(
+            file=(
+                "big.jsonl",
+                io.BytesIO(jsonl([chat_line(f"t{i}", "x" * 100) for i in range(20)])),
+            ),
+            purpose="batch",
+        )
     assert info.value.status_code == 413
-    assert client.files.list().data == [] or all(f.filename != "big.jsonl" for f in client.files.list())
+    assert client.files.list().data == [] or all(
+        f.filename != "big.jsonl" for f in client.files.list()
+    )

@@ -1,0 +1,165 @@
+"""Mechanisms that deserve direct tests: durations, retry hints, shard cutting, result lines."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+
+import orjson
+import pytest
+from support import chat_line, jsonl
+
+from lowtide.config import BatchLimits, ModelRoute, parse_duration
+from lowtide.engines.base import EngineResponse
+from lowtide.engines.openai_http import parse_retry_after
+from lowtide.engines.router import Router
+from lowtide.runner.results import error_line, response_line, usage_of
+from lowtide.runner.retry import backoff_seconds, is_retryable_status
+from lowtide.runner.validation import FileValidator, iter_request_lines, locate_duplicates
+
+
+def test_parse_duration():
+    assert parse_duration("24h") == 86400
+    assert parse_duration("90m") == 5400
+    assert parse_duration("7d") == 7 * 86400
+    assert parse_duration("1.5s") == 1.5
+    for bad in ("", "24", "h", "3w", "-1h"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+
+
+def test_parse_retry_after_forms():
+    assert parse_retry_after({"retry-after": "3"}) == 3
+    assert parse_retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    future = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 25 <= parse_retry_after({"retry-after": future}) <= 31
+    assert parse_retry_after({"retry-after": "garbage"}) is None
+    assert parse_retry_after({}) is None
+
+
+def test_retry_policy():
+    assert all(is_retryable_status(s) for s in (408, 429, 500, 502, 503, 504))
+    assert not any(is_retryable_status(s) for s in (400, 401, 403, 404, 422))
+    for attempt in range(10):
+        assert 0 <= backoff_seconds(attempt, 0.5, 30, None) <= 30
+    assert backoff_seconds(0, 0.5, 30, retry_after=7) >= 7  # Retry-After is a floor
+
+
+def _validate(raw: bytes, endpoint: str = "/v1/chat/completions", **limits):
+    v = FileValidator(endpoint, lambda m: m in ("m", "sim-model"), BatchLimits(**limits))
+    for i in range(0, len(raw), 7):  # tiny chunks: lines split across chunk borders
+        v.feed(raw[i : i + 7])
+    return v.finish()
+
+
+def test_shards_cover_every_request_exactly_once():
+    lines = [chat_line(f"c{i}", "x" * (i % 13), model="m") for i in range(23)]
+    raw = jsonl(lines[:10]) + b"\n\n" + jsonl(lines[10:])
+    result = _validate(raw, shard_lines=4)
+    assert result.total == 23 and not result.errors
+    seen = []
+    for shard in result.shards:
+        requests = iter_request_lines(raw[shard["byte_start"] : shard["byte_end"]])
+        assert len(requests) == shard["request_count"] <= 4
+        assert shard["first_request"] == len(seen)
+        seen += [orjson.loads(r)["custom_id"] for r in requests]
+    assert seen == [f"c{i}" for i in range(23)]
+    assert result.shards[3]["first_line"] == 15  # two blank lines before line 13
+
+
+def test_shards_cut_on_bytes_too():
+    lines = [chat_line(f"c{i}", "y" * 600, model="m") for i in range(10)]
+    result = _validate(jsonl(lines), shard_lines=1000, shard_bytes=2048)
+    assert len(result.shards) >= 3
+    assert sum(s["request_count"] for s in result.shards) == 10
+
+
+def test_file_without_final_newline():
+    raw = jsonl([chat_line("a", "x", model="m"), chat_line("b", "y", model="m")]).rstrip(b"\n")
+    result = _validate(raw)
+    assert result.total == 2 and result.shards[-1]["byte_end"] == len(raw)
+
+
+def test_duplicates_found_by_hash_then_named_by_line():
+    raw = jsonl([chat_line(i, "x", model="m") for i in ("a", "b", "a", "c", "b", "a")])
+    result = _validate(raw)
+    assert result.duplicate_hashes
+
+    async def chunks():
+        yield raw
+
+    found = asyncio.run(locate_duplicates(chunks(), result.duplicate_hashes, cap=100))
+    assert [(e["line"], e["code"]) for e in found] == [
+        (3, "duplicate_custom_id"),
+        (5, "duplicate_custom_id"),
+        (6, "duplicate_custom_id"),
+    ]
+
+
+def test_error_cap_and_empty():
+    result = _validate(b"{bad\n" * 50, max_errors_reported=10)
+    assert len(result.errors) == 10 and result.error_count == 50
+    assert _validate(b"\n \n").errors[0]["code"] == "empty_batch"
+
+
+def test_usage_from_every_endpoint_shape():
+    chat = {
+        "usage": {
+            "prompt_tokens": 5,
+            "completion_tokens": 7,
+            "prompt_tokens_details": {"cached_tokens": 2},
+            "completion_tokens_details": {"reasoning_tokens": 3},
+        }
+    }
+    u = usage_of(chat)
+    assert (u.input_tokens, u.output_tokens, u.cached_tokens, u.reasoning_tokens) == (5, 7, 2, 3)
+    responses = {
+        "usage": {
+            "input_tokens": 4,
+            "output_tokens": 6,
+            "input_tokens_details": {"cached_tokens": 1},
+        }
+    }
+    u = usage_of(responses)
+    assert (u.input_tokens, u.output_tokens, u.cached_tokens) == (4, 6, 1)
+    assert usage_of({"usage": {"prompt_tokens": 9, "total_tokens": 9}}).input_tokens == 9
+    assert usage_of(None).input_tokens == 0 and usage_of({"usage": "weird"}).output_tokens == 0
+
+
+def test_result_line_shapes():
+    ok = response_line("batch_req_1", "c1", EngineResponse(200, {"x": 1}, "req_9"))
+    assert ok[:1] == b"o"
+    assert orjson.loads(ok[1:]) == {
+        "id": "batch_req_1",
+        "custom_id": "c1",
+        "error": None,
+        "response": {"status_code": 200, "request_id": "req_9", "body": {"x": 1}},
+    }
+    bad = orjson.loads(
+        response_line(
+            "i", "c", EngineResponse(400, {"error": {"message": "no", "code": "bad_thing"}})
+        )[1:]
+    )
+    assert bad["response"]["status_code"] == 400 and bad["error"] == {
+        "code": "bad_thing",
+        "message": "no",
+    }
+    odd = orjson.loads(response_line("i", "c", EngineResponse(503, "text"))[1:])
+    assert odd["error"]["code"] == "http_503"
+    gone = orjson.loads(error_line("i", "c", "batch_expired", "late")[1:])
+    assert gone["response"] is None and gone["error"]["code"] == "batch_expired"
+
+
+def test_router_exact_then_glob():
+    router = Router(
+        [
+            ModelRoute(name="gpt-*", engine="echo"),
+            ModelRoute(name="gpt-4o-mini", engine="echo"),
+            ModelRoute(name="*", engine="echo", max_concurrency=3),
+        ]
+    )
+    assert router.route_for("gpt-4o-mini").name == "gpt-4o-mini"
+    assert router.route_for("gpt-5").name == "gpt-*"
+    assert router.route_for("llama").name == "*"
+    assert Router([ModelRoute(name="a", engine="echo")]).route_for("b") is None
