@@ -84,7 +84,7 @@ class WorkerConfig(_Strict):
     lease_seconds: float = Field(30.0, gt=0)
     max_active_shards: int = Field(8, ge=1)
     poll_seconds: float = Field(0.5, gt=0)
-    segment_lines: int = Field(500, ge=1)
+    segment_lines: int = Field(1000, ge=1)
     segment_seconds: float = Field(2.0, gt=0)
     sweep_seconds: float = Field(30.0, gt=0)
     cancel_grace_seconds: float = Field(60.0, ge=0)

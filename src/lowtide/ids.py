@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import random
 import secrets
 import string
 
@@ -24,7 +25,8 @@ def request_line_id(batch_id: str, index: int) -> str:
 
 
 def new_request_id() -> str:
-    return "req_" + secrets.token_hex(16)
+    """Request ids only need to be unique, not secret: the fast PRNG is 10x cheaper than urandom."""
+    return f"req_{random.getrandbits(128):032x}"
 
 
 def new_worker_id() -> str:
