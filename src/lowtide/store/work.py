@@ -218,17 +218,27 @@ async def claim_shards(
         batches.c.status == "in_progress",
         batches.c.stop_reason.is_(None),
     )
-    query = (
-        select(shards, batches.c.endpoint, batches.c.input_file_id)
+    # Rank each batch's runnable shards, then take rank 1 of every batch before any rank 2: a
+    # small batch created behind a huge one gets the next free slot instead of waiting its turn.
+    rank = func.row_number().over(partition_by=shards.c.batch_id, order_by=shards.c.idx)
+    ranked = (
+        select(
+            shards, batches.c.endpoint, batches.c.input_file_id, batches.c.seq, rank.label("rank")
+        )
         .join(batches, batches.c.id == shards.c.batch_id)
         .where(claimable)
-        .order_by(batches.c.seq, shards.c.idx)
-        .limit(limit * 8)
+        .subquery()
+    )
+    query = (
+        select(ranked)
+        .where(ranked.c.rank <= limit)
+        .order_by(ranked.c.rank, ranked.c.seq)
+        .limit(limit * 4)
     )
     claims: list[ShardClaim] = []
     async with db.write() as conn:
         candidates = [dict(r._mapping) for r in (await conn.execute(query)).all()]
-        for row in _round_robin(candidates):
+        for row in candidates:
             if len(claims) >= limit:
                 break
             epoch = row["lease_epoch"] + 1
@@ -263,18 +273,6 @@ async def claim_shards(
                     )
                 )
     return claims
-
-
-def _round_robin(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    by_batch: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        by_batch.setdefault(row["batch_id"], []).append(row)
-    ordered: list[dict[str, Any]] = []
-    queues = list(by_batch.values())
-    while queues:
-        ordered.extend(q.pop(0) for q in queues)
-        queues = [q for q in queues if q]
-    return ordered
 
 
 async def renew_shard_lease(db: Database, claim: ShardClaim, until: float) -> str | None:
