@@ -129,7 +129,8 @@ class LowtideServer:
         return self.log_path.read_text(errors="replace")[-5000:] if self.log_path.exists() else ""
 
     def client(self, api_key: str = "sk-test", **kwargs: object) -> OpenAI:
-        return OpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, timeout=30, **kwargs)
+        options: dict = {"max_retries": 0, "timeout": 30, **kwargs}
+        return OpenAI(base_url=self.base_url, api_key=api_key, **options)
 
 
 def make_config(sim_url: str | None = None, extra: str = "", *, models: str | None = None) -> str:

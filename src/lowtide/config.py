@@ -32,7 +32,7 @@ class ModelRoute(_Strict):
     """One `[[models]]` entry: which engine serves requests whose body.model matches `name`."""
 
     name: str = Field(description="matched against body.model; '*' or a glob matches many")
-    engine: Literal["openai", "echo"] = "openai"
+    engine: Literal["openai", "llamacpp", "embeddings", "echo"] = "openai"
     base_url: str | None = None
     api_key_env: str | None = None
     api_key: str | None = None
@@ -42,6 +42,19 @@ class ModelRoute(_Strict):
     max_retries: int = Field(6, ge=0, le=100)
     headers: dict[str, str] = Field(default_factory=dict)
     latency_ms: float = Field(0.0, ge=0, description="echo engine only: simulated latency")
+    # Local engines (llamacpp, embeddings).
+    model_path: str | None = Field(
+        None,
+        description="GGUF file (llamacpp) or sentence-transformers folder (embeddings); default: the bundled model",
+    )
+    threads: int | None = Field(None, ge=1, description="CPU threads; default: all cores")
+    parallel: int = Field(16, ge=1, le=256, description="llamacpp: sequences decoded together")
+    context_size: int = Field(1024, ge=64, description="llamacpp: context tokens per sequence")
+    weights: Literal["f16", "q8_0", "as-is"] = Field(
+        "f16",
+        description="llamacpp: convert the GGUF once (cached in the data folder) or use it as is",
+    )
+    batch_size: int = Field(64, ge=1, description="embeddings: inputs encoded together")
 
     @field_validator("base_url")
     @classmethod
@@ -98,15 +111,26 @@ class Config(_Strict):
     batches: BatchLimits = Field(default_factory=BatchLimits)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     database_url: str | None = None
+    include_default_models: bool = Field(
+        True,
+        description="serve the bundled models too; a configured route of the same name replaces one",
+    )
 
     def routes(self) -> list[ModelRoute]:
-        """Configured routes, or the built-in defaults when the file names none."""
-        return self.models or default_routes()
+        """Configured routes plus the built-in ones they do not replace."""
+        if not self.include_default_models:
+            return list(self.models)
+        configured = {route.name for route in self.models}
+        return [*self.models, *(r for r in default_routes() if r.name not in configured)]
 
 
 def default_routes() -> list[ModelRoute]:
-    """What a fresh install serves with no configuration at all."""
-    return [ModelRoute(name="lowtide-echo", engine="echo", max_concurrency=1024)]
+    """What a fresh install serves with no configuration at all: two small CPU models, and echo."""
+    return [
+        ModelRoute(name="SmolLM2-135M-Instruct", engine="llamacpp", max_concurrency=64),
+        ModelRoute(name="all-MiniLM-L6-v2", engine="embeddings", max_concurrency=64),
+        ModelRoute(name="lowtide-echo", engine="echo", max_concurrency=1024),
+    ]
 
 
 def load_config(path: str | Path | None) -> Config:

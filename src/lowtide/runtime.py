@@ -31,7 +31,7 @@ class Runtime:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.db = Database(self.config.database_url or sqlite_url(self.data_dir))
         self.blobs = open_blob_store(str(self.data_dir))
-        self.router = Router(self.config.routes())
+        self.router = Router(self.config.routes(), cache_dir=self.data_dir / "models")
 
     async def start(self) -> None:
         await asyncio.to_thread(self.db.upgrade)

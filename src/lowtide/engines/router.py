@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import fnmatch
+from pathlib import Path
 
 from lowtide.config import ModelRoute
 from lowtide.engines.base import Engine
 
 
-def build_engine(route: ModelRoute) -> Engine:
+def build_engine(route: ModelRoute, cache_dir: Path) -> Engine:
     if route.engine == "echo":
         from lowtide.engines.echo import EchoEngine
 
         return EchoEngine(route.name, route.max_concurrency, route.latency_ms)
+    if route.engine == "embeddings":
+        from lowtide.engines.embeddings import EmbeddingsEngine
+
+        return EmbeddingsEngine(
+            route.name, route.max_concurrency, route.model_path, route.batch_size
+        )
+    if route.engine == "llamacpp":
+        from lowtide.engines.llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine(route, cache_dir)
     from lowtide.engines.openai_http import OpenAIHttpEngine
 
     return OpenAIHttpEngine(route)
@@ -21,7 +32,8 @@ def build_engine(route: ModelRoute) -> Engine:
 class Router:
     """Engines are built lazily, once per route, on first use."""
 
-    def __init__(self, routes: list[ModelRoute]) -> None:
+    def __init__(self, routes: list[ModelRoute], cache_dir: Path | None = None) -> None:
+        self._cache_dir = cache_dir or Path(".")
         self._exact = {r.name: r for r in routes if not _is_pattern(r.name)}
         self._patterns = [r for r in routes if _is_pattern(r.name)]
         self._engines: dict[str, Engine] = {}
@@ -41,7 +53,7 @@ class Router:
     def engine_for(self, route: ModelRoute) -> Engine:
         engine = self._engines.get(route.name)
         if engine is None:
-            engine = self._engines[route.name] = build_engine(route)
+            engine = self._engines[route.name] = build_engine(route, self._cache_dir)
         return engine
 
     async def close(self) -> None:

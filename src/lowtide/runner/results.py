@@ -66,7 +66,9 @@ def response_line(line_id: str, custom_id: str, response: EngineResponse) -> byt
         },
         "error": error,
     }
-    return (OK_PREFIX if ok else ERROR_PREFIX) + orjson.dumps(line)
+    return (OK_PREFIX if ok else ERROR_PREFIX) + orjson.dumps(
+        line, option=orjson.OPT_SERIALIZE_NUMPY
+    )
 
 
 def error_line(line_id: str, custom_id: str, code: str, message: str) -> bytes:

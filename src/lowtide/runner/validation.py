@@ -74,9 +74,14 @@ class _HashLog:
 
 class FileValidator:
     def __init__(
-        self, endpoint: str, is_routable: Callable[[str], bool], limits: BatchLimits
+        self,
+        endpoint: str,
+        is_routable: Callable[[str], bool],
+        limits: BatchLimits,
+        served_models: list[str] | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self._served = ", ".join(f"'{m}'" for m in served_models or [])
         self._is_routable = is_routable
         self._routable_cache: dict[str, bool] = {}
         self._limits = limits
@@ -254,11 +259,12 @@ class FileValidator:
             self._error("invalid_request", line, "body.model", "Model parameter must be a string.")
             return
         if not self._routable(model):
+            served = f" Models served here: {self._served}." if self._served else ""
             self._error(
                 "model_not_found",
                 line,
                 "body.model",
-                f"The provided model '{model}' is not supported by the Batch API.",
+                f"The provided model '{model}' is not supported by the Batch API.{served}",
             )
             return
         required = _REQUIRED_INPUT.get(self.endpoint)

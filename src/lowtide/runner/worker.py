@@ -211,7 +211,10 @@ class Worker:
             )
             return
         validator = FileValidator(
-            batch["endpoint"], lambda m: self.router.route_for(m) is not None, limits
+            batch["endpoint"],
+            lambda m: self.router.route_for(m) is not None,
+            limits,
+            self.router.served_models(),
         )
         async for chunk in self.blobs.iter_chunks(source["blob_key"]):
             validator.feed(chunk)

@@ -1,0 +1,168 @@
+"""Local sentence embeddings, batched across requests.
+
+Inputs from every request waiting at a moment are pooled, sorted by length (so little padding
+is computed) and encoded in batches on a worker thread; BLAS releases the GIL, so the event loop
+keeps serving while the model runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lowtide.engines.base import Engine, EngineResponse
+from lowtide.engines.model_files import minilm_folder
+from lowtide.ids import new_request_id
+
+log = logging.getLogger("lowtide.embeddings")
+
+
+def _bad_request(message: str, param: str | None = "input") -> EngineResponse:
+    body = {
+        "error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}
+    }
+    return EngineResponse(400, body, new_request_id())
+
+
+@dataclass
+class _Job:
+    ids: list[list[int]]
+    future: asyncio.Future[np.ndarray]
+
+
+@dataclass
+class _Pending:
+    jobs: list[_Job] = field(default_factory=list)
+    texts: int = 0
+
+
+class EmbeddingsEngine(Engine):
+    def __init__(
+        self, name: str, max_concurrency: int, model_path: str | None, batch_size: int = 64
+    ) -> None:
+        self.name = name
+        self.max_concurrency = max_concurrency
+        self._model_path = model_path
+        self._batch_size = batch_size
+        self._encoder: Any = None
+        self._load_error: str | None = None
+        self._load_lock = asyncio.Lock()
+        self._pending = _Pending()
+        self._wake: asyncio.Event | None = None
+        self._runner: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        async with self._load_lock:
+            if self._encoder is not None or self._load_error is not None:
+                return
+            from lowtide.engines.bert import BertSentenceEncoder
+
+            try:
+                folder = Path(self._model_path) if self._model_path else minilm_folder()
+                started = time.monotonic()
+                self._encoder = await asyncio.to_thread(BertSentenceEncoder, folder)
+                log.info(
+                    "loaded embeddings model %s from %s in %.2fs",
+                    self.name,
+                    folder,
+                    time.monotonic() - started,
+                )
+            except Exception as exc:  # a broken model fails its lines, not the server
+                self._load_error = f"The embeddings model '{self.name}' could not be loaded: {exc}"
+                log.error(self._load_error)
+                return
+            self._wake = asyncio.Event()
+            self._runner = asyncio.create_task(self._run_batches())
+
+    async def execute(self, endpoint: str, body: dict[str, Any]) -> EngineResponse:
+        if endpoint != "/v1/embeddings":
+            return _bad_request(
+                f"Model '{self.name}' serves /v1/embeddings only, not {endpoint}.", "url"
+            )
+        raw = body.get("input")
+        texts = [raw] if isinstance(raw, str) else raw
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            return _bad_request(
+                "'input' must be a non-empty string or a non-empty array of strings."
+            )
+        if any(not t for t in texts):
+            return _bad_request("'input' cannot contain empty strings.")
+        fmt = body.get("encoding_format", "float")
+        if fmt not in ("float", "base64"):
+            return _bad_request("'encoding_format' must be 'float' or 'base64'.", "encoding_format")
+        await self.start()
+        if self._load_error:
+            raise RuntimeError(self._load_error)
+        dims = body.get("dimensions")
+        if dims is not None and dims != self._encoder.dim:
+            return _bad_request(
+                f"Model '{self.name}' produces {self._encoder.dim} dimensions only.", "dimensions"
+            )
+        ids = self._encoder.tokenize(texts)
+        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        self._pending.jobs.append(_Job(ids, future))
+        self._pending.texts += len(ids)
+        assert self._wake is not None
+        self._wake.set()
+        vectors = await future
+        tokens = sum(max(len(seq) - 2, 1) for seq in ids)  # without [CLS] and [SEP]
+        data = [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": base64.b64encode(vec.astype("<f4").tobytes()).decode()
+                if fmt == "base64"
+                else vec,
+            }
+            for i, vec in enumerate(vectors)
+        ]
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return EngineResponse(
+            200,
+            {"object": "list", "data": data, "model": body.get("model", self.name), "usage": usage},
+            new_request_id(),
+        )
+
+    async def _run_batches(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            pending, self._pending = self._pending, _Pending()
+            if not pending.jobs:
+                continue
+            try:
+                results = await asyncio.to_thread(self._encode_jobs, pending.jobs)
+            except Exception as exc:
+                for job in pending.jobs:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                continue
+            for job, vectors in zip(pending.jobs, results, strict=True):
+                if not job.future.done():
+                    job.future.set_result(vectors)
+
+    def _encode_jobs(self, jobs: list[_Job]) -> list[np.ndarray]:
+        """Encode every input of every job, longest-first in batches, and hand each job its rows."""
+        flat = [seq for job in jobs for seq in job.ids]
+        order = sorted(range(len(flat)), key=lambda i: len(flat[i]))
+        out = np.empty((len(flat), self._encoder.dim), dtype=np.float32)
+        for start in range(0, len(order), self._batch_size):
+            chunk = order[start : start + self._batch_size]
+            out[chunk] = self._encoder.encode_ids([flat[i] for i in chunk])
+        results, offset = [], 0
+        for job in jobs:
+            results.append(out[offset : offset + len(job.ids)])
+            offset += len(job.ids)
+        return results
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            self._runner.cancel()
