@@ -130,3 +130,103 @@ def test_non_loopback_without_keys_is_refused(tmp_path):
         timeout=60,
     )
     assert proc.returncode == 2 and "no API keys" in proc.stderr
+
+
+def test_hostile_inputs_get_4xx_not_500(server, client):
+    auth = {"Authorization": "Bearer k"}
+    # A body cut off before its closing boundary is refused, and leaves no file behind.
+    before = {f.id for f in client.files.list()}
+    body = b'--XyZ\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n{"x": 1}\n'
+    r = httpx.post(
+        server.base_url + "/files",
+        headers={**auth, "Content-Type": "multipart/form-data; boundary=XyZ"},
+        content=body,
+    )
+    assert r.status_code == 400 and "incomplete" in r.json()["error"]["message"]
+    assert {f.id for f in client.files.list()} == before
+    # A boundary longer than the parser allows.
+    r = httpx.post(
+        server.base_url + "/files",
+        headers={**auth, "Content-Type": "multipart/form-data; boundary=" + "b" * 300},
+        content=b"x",
+    )
+    assert r.status_code == 400
+    # Odd numbers in expires_after.
+    r = httpx.post(
+        server.base_url + "/files",
+        headers=auth,
+        data={
+            "purpose": "batch",
+            "expires_after[anchor]": "created_at",
+            "expires_after[seconds]": "²",
+        },
+        files={"file": ("a.jsonl", b"{}\n")},
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "expires_after.seconds"
+    # A huge JSON body is refused before it is read.
+    r = httpx.post(
+        server.base_url + "/batches",
+        headers={**auth, "Content-Type": "application/json"},
+        content=b"{" + b" " * (2 << 20) + b"}",
+    )
+    assert r.status_code == 413
+    # Over-long ids and windows are validation errors.
+    r = httpx.post(
+        server.base_url + "/batches",
+        headers=auth,
+        json={
+            "input_file_id": "f" * 500,
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+        },
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input_file_id"
+    # Wrong types in the create body and bad query values.
+    r = httpx.post(
+        server.base_url + "/batches",
+        headers=auth,
+        json={"input_file_id": 5, "endpoint": [], "completion_window": None},
+    )
+    assert r.status_code == 400
+    assert httpx.get(server.base_url + "/batches?limit=0", headers=auth).status_code == 400
+    assert httpx.get(server.base_url + "/files?order=sideways", headers=auth).status_code == 400
+
+
+def test_unicode_filenames_download_and_unknown_cursor(client):
+    f = client.files.create(
+        file=('日本 report.jsonl', io.BytesIO(jsonl([chat_line("u", "v")]))), purpose="batch"
+    )
+    raw = client.files.with_raw_response.content(f.id)
+    assert "filename*=UTF-8''" in raw.headers["content-disposition"]
+    assert client.files.content(f.id).content == jsonl([chat_line("u", "v")])
+    assert client.files.retrieve(f.id).filename == '日本 report.jsonl'
+    page = client.files.list(after="file-doesnotexist", limit=5)
+    assert page.data == [] and not page.has_more
+    assert client.batches.list(after="batch_doesnotexist").data == []
+
+
+def test_route_without_base_url_is_a_config_error(tmp_path):
+    import subprocess
+    import sys
+
+    from support import _env
+
+    config = tmp_path / "c.toml"
+    config.write_text('[[models]]\nname = "m"\nengine = "openai"\n')
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lowtide.cli",
+            "serve",
+            "--config",
+            str(config),
+            "--data-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "base_url" in proc.stderr

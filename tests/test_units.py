@@ -16,7 +16,7 @@ from lowtide.engines.openai_http import parse_retry_after
 from lowtide.engines.router import Router
 from lowtide.runner.results import error_line, response_line, usage_of
 from lowtide.runner.retry import backoff_seconds, is_retryable_status
-from lowtide.runner.validation import FileValidator, iter_request_lines, locate_duplicates
+from lowtide.runner.validation import FileValidator, confirm_duplicates, iter_request_lines
 
 
 def test_parse_duration():
@@ -84,17 +84,20 @@ def test_file_without_final_newline():
 def test_duplicates_found_by_hash_then_named_by_line():
     raw = jsonl([chat_line(i, "x", model="m") for i in ("a", "b", "a", "c", "b", "a")])
     result = _validate(raw)
-    assert result.duplicate_hashes
+    assert result.possible_duplicates == [(3, 1), (5, 2), (6, 1)]
 
     async def chunks():
         yield raw
 
-    found = asyncio.run(locate_duplicates(chunks(), result.duplicate_hashes, cap=100))
+    found = asyncio.run(confirm_duplicates(chunks(), result.possible_duplicates))
     assert [(e["line"], e["code"]) for e in found] == [
         (3, "duplicate_custom_id"),
         (5, "duplicate_custom_id"),
         (6, "duplicate_custom_id"),
     ]
+    assert "already used on line 1" in found[0]["message"]
+    # A hash collision between different ids is not reported.
+    assert asyncio.run(confirm_duplicates(chunks(), [(4, 2)])) == []
 
 
 def test_error_cap_and_empty():

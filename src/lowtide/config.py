@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -60,6 +60,12 @@ class ModelRoute(_Strict):
     @classmethod
     def _strip_slash(cls, value: str | None) -> str | None:
         return value.rstrip("/") if value else value
+
+    @model_validator(mode="after")
+    def _engine_needs(self) -> ModelRoute:
+        if self.engine == "openai" and not self.base_url:
+            raise ValueError(f"model route {self.name!r}: engine 'openai' needs base_url")
+        return self
 
     def resolved_api_key(self) -> str | None:
         if self.api_key_env:

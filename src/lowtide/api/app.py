@@ -16,9 +16,32 @@ from lowtide.api.responses import (
     unexpected_error_handler,
     validation_error_handler,
 )
-from lowtide.errors import ApiError
+from lowtide.errors import ApiError, error_envelope
 from lowtide.ids import new_request_id
 from lowtide.runtime import Runtime
+
+MAX_JSON_BODY = 1024 * 1024
+
+
+class BodyLimitMiddleware:
+    """JSON request bodies are small; refuse a declared huge one before anything reads it."""
+
+    def __init__(self, app) -> None:  # type: ignore[no-untyped-def]
+        self.app = app
+
+    async def __call__(self, scope, receive, send):  # type: ignore[no-untyped-def]
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] != "/v1/files":
+            length = dict(scope["headers"]).get(b"content-length", b"0")
+            if not length.isdigit() or int(length) > MAX_JSON_BODY:
+                response = json_response(
+                    error_envelope(
+                        f"The request body is larger than {MAX_JSON_BODY} bytes.",
+                        "invalid_request_error",
+                    ),
+                    413,
+                )
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 class RequestIdMiddleware:
@@ -66,6 +89,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(Exception, unexpected_error_handler)
+    app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(RequestIdMiddleware)
     app.include_router(files.router)
     app.include_router(batches.router)

@@ -30,10 +30,11 @@ class OutputExpiresAfter(BaseModel):
 
 
 class CreateBatch(BaseModel):
-    input_file_id: str
-    endpoint: str
+    input_file_id: str = Field(max_length=64)
+    endpoint: str = Field(max_length=64)
     completion_window: str = Field(
-        description="'24h', or any duration from the server's minimum to its maximum (default 1h..7d), e.g. '1h', '90m', '7d'"
+        max_length=16,
+        description="'24h', or any duration from the server's minimum to its maximum (default 1h..7d), e.g. '1h', '90m', '7d'",
     )
     metadata: dict[str, Any] | None = None
     output_expires_after: OutputExpiresAfter | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from typing import Annotated, Literal
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
@@ -97,7 +98,11 @@ def _expiry(fields: dict[str, str], purpose: str, now: int, default_ttl: str) ->
             param="expires_after.anchor",
             code="invalid_value",
         )
-    if seconds is None or not seconds.isdigit() or not 3600 <= int(seconds) <= 2_592_000:
+    if (
+        seconds is None
+        or not (seconds.isdecimal() and len(seconds) <= 10)
+        or not 3600 <= int(seconds) <= 2_592_000
+    ):
         raise ApiError(
             400,
             "Invalid value for 'expires_after.seconds': must be an integer between 3600 and 2592000.",
@@ -159,6 +164,14 @@ async def file_content(request: Request, file_id: str, project: Project):
         media_type=media,
         headers={
             "content-length": str(row["bytes"]),
-            "content-disposition": f'attachment; filename="{row["filename"]}"',
+            "content-disposition": _attachment(row["filename"]),
         },
     )
+
+
+def _attachment(filename: str) -> str:
+    """Content-Disposition for any filename: an ASCII fallback plus the exact UTF-8 name (RFC 6266)."""
+    fallback = "".join(
+        c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in filename
+    )
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"

@@ -10,13 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fastapi import Request
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.requests import ClientDisconnect
 
 from lowtide.blobs import BlobStore, BlobWriter
 from lowtide.errors import ApiError
 
 _MAX_FIELD_BYTES = 64 * 1024
+_MAX_FIELDS = 64
+_MAX_FIELD_TOTAL = 1024 * 1024
 
 
 @dataclass
@@ -58,13 +60,19 @@ async def receive_upload(
             400, "The request must be multipart/form-data with a 'file' part.", param="file"
         )
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes + 64 * 1024:
+    if (
+        declared
+        and declared.isdecimal()
+        and len(declared) < 20
+        and int(declared) > max_bytes + _MAX_FIELD_TOTAL
+    ):
         raise _too_large(max_bytes)
 
     writer = await blobs.writer(key)
     form = UploadedForm(fields={}, filename=None, bytes=0, first_byte=b"", writer=writer)
     part = _PartState()
     file_parts_seen = 0
+    field_bytes = 0
     pending: list[bytes] = []
 
     def on_part_begin() -> None:
@@ -92,30 +100,35 @@ async def receive_upload(
         part.header_value.clear()
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
+        nonlocal field_bytes
         if part.is_file:
             if file_parts_seen == 1:
                 pending.append(data[start:end])
-        elif len(part.value) + (end - start) <= _MAX_FIELD_BYTES:
+            return
+        field_bytes += end - start
+        if len(part.value) + (end - start) <= _MAX_FIELD_BYTES:
             part.value += data[start:end]
 
     def on_part_end() -> None:
         if not part.is_file and part.name:
             form.fields[part.name] = part.value.decode("utf-8", "replace")
 
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_part_begin": on_part_begin,
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-            "on_part_data": on_part_data,
-            "on_part_end": on_part_end,
-        },
-    )
     try:
+        parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": on_part_begin,
+                "on_header_field": on_header_field,
+                "on_header_value": on_header_value,
+                "on_header_end": on_header_end,
+                "on_part_data": on_part_data,
+                "on_part_end": on_part_end,
+            },
+        )
         async for chunk in request.stream():
             parser.write(chunk)
+            if len(form.fields) > _MAX_FIELDS or field_bytes > _MAX_FIELD_TOTAL:
+                raise ApiError(400, "Too many or too large form fields in the upload.")
             for piece in pending:
                 if not form.first_byte:
                     stripped = piece.lstrip()
@@ -126,6 +139,11 @@ async def receive_upload(
                 await writer.write(piece)
             pending.clear()
         parser.finalize()
+        if parser.state != MultipartState.END:
+            raise ApiError(
+                400,
+                "The multipart body ended before its closing boundary: the upload is incomplete.",
+            )
     except ClientDisconnect:
         await writer.abort()
         raise

@@ -64,9 +64,13 @@ async def finalize_batch(db: Database, blobs: BlobStore, task: work.BatchTask) -
             for segment in await work.segments_of(db, batch["id"], shard["idx"]):
                 segment_keys.append(segment["blob_key"])
                 data = await blobs.read(segment["blob_key"])
-                for line in data.split(b"\n"):
-                    if line:
-                        await (out if line[:1] == OK_PREFIX else err).add(line[1:])
+                lines = [line for line in data.split(b"\n") if line]
+                if len(lines) != segment["count"]:
+                    raise RuntimeError(
+                        f"segment {segment['blob_key']} has {len(lines)} lines, {segment['count']} committed"
+                    )
+                for line in lines:
+                    await (out if line[:1] == OK_PREFIX else err).add(line[1:])
             if shard["committed"] < shard["request_count"]:
                 await _unfinished_lines(blobs, input_key, batch, shard, reason, err)
         for f in outputs:

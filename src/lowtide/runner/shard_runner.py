@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,8 +86,10 @@ class ShardRun:
                     f"shard {claim.batch_id}/{claim.idx}: expected {claim.request_count} lines, read {len(lines)}"
                 )
         except Exception:
-            log.exception("cannot read input for shard %s/%s", claim.batch_id, claim.idx)
-            await work.release_shard(self.ctx.db, claim)
+            log.exception(
+                "cannot read input for shard %s/%s; retry in 30 s", claim.batch_id, claim.idx
+            )
+            await work.release_shard(self.ctx.db, claim, retry_at=time.time() + 30)
             return
         heartbeat = asyncio.create_task(self._heartbeat())
         committer = asyncio.create_task(self._committer())
@@ -103,7 +106,10 @@ class ShardRun:
         done = self._ready == claim.request_count
         await self._commit(done=done)
         if not done and not self.lost:
-            await work.release_shard(self.ctx.db, claim)
+            # Stopped (cancel, expiry, shutdown): hand back at once. Anything else left a gap
+            # that an immediate retry would hit again, so back off.
+            retry_at = None if self.stopping else time.time() + 30
+            await work.release_shard(self.ctx.db, claim, retry_at=retry_at)
 
     async def _dispatch(self, lines: list[bytes]) -> None:
         first = (
@@ -186,7 +192,11 @@ class ShardRun:
                 f"The provided model '{body.get('model')}' is not served by this Lowtide server."
             )
             return _error_done(error_line(line_id, custom_id, "model_not_found", message))
-        engine = self.ctx.router.engine_for(route)
+        try:
+            engine = self.ctx.router.engine_for(route)
+        except Exception as exc:  # a misconfigured route fails its lines, never the shard
+            message = f"The engine for '{route.name}' could not be created: {exc}"
+            return _error_done(error_line(line_id, custom_id, "engine_error", message))
         limiter = self.ctx.limiter(route.name, route.max_concurrency)
         cfg = self.ctx.config
         response: EngineResponse | None = None
@@ -265,7 +275,8 @@ class ShardRun:
                 cached_tokens=sum(d.cached_tokens for d in items),
                 reasoning_tokens=sum(d.reasoning_tokens for d in items),
             )
-            key = f"segments/{self.claim.batch_id}/{self.claim.idx:07d}-{first:07d}-{self.claim.epoch}.jsonl"
+            # A fresh key per attempt: a retried commit must never overwrite a committed blob.
+            key = f"segments/{self.claim.batch_id}/{self.claim.idx:07d}-{first:07d}-{uuid.uuid4().hex}.jsonl"
             if items:
                 await self.ctx.blobs.put(key, b"\n".join(d.line for d in items) + b"\n")
             ok = await work.commit_segment(self.ctx.db, self.claim, first, key, stats, done=done)

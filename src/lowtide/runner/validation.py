@@ -7,6 +7,7 @@ finds a repeated hash does a second pass read the file again to name the offendi
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,32 +45,45 @@ class ValidationResult:
     errors: list[dict[str, Any]]
     error_count: int
     models: list[str]
-    duplicate_hashes: set[int] = field(default_factory=set)
+    possible_duplicates: list[tuple[int, int]] = field(default_factory=list)
 
 
 class _HashLog:
-    """Append-only uint64 log of custom_id hashes, in fixed-size numpy blocks."""
+    """Append-only log of (custom_id hash, line number), in fixed-size numpy blocks: 12 bytes a line."""
 
     _BLOCK = 1 << 16
 
     def __init__(self) -> None:
-        self._blocks: list[np.ndarray] = []
-        self._current = np.empty(self._BLOCK, dtype=np.int64)
+        self._blocks: list[tuple[np.ndarray, np.ndarray]] = []
+        self._hashes = np.empty(self._BLOCK, dtype=np.int64)
+        self._lines = np.empty(self._BLOCK, dtype=np.uint32)
         self._fill = 0
 
-    def add(self, value: int) -> None:
-        self._current[self._fill] = value
+    def add(self, value: int, line: int) -> None:
+        self._hashes[self._fill] = value
+        self._lines[self._fill] = line
         self._fill += 1
         if self._fill == self._BLOCK:
-            self._blocks.append(self._current)
-            self._current = np.empty(self._BLOCK, dtype=np.int64)
+            self._blocks.append((self._hashes, self._lines))
+            self._hashes = np.empty(self._BLOCK, dtype=np.int64)
+            self._lines = np.empty(self._BLOCK, dtype=np.uint32)
             self._fill = 0
 
-    def repeated(self) -> set[int]:
-        values = np.concatenate([*self._blocks, self._current[: self._fill]])
-        values.sort()
-        dup = values[1:][values[1:] == values[:-1]]
-        return {int(v) for v in np.unique(dup)}
+    def repeats(self, cap: int) -> list[tuple[int, int]]:
+        """Up to `cap` (line, earlier line) pairs whose hashes match, in line order."""
+        hashes = np.concatenate([*(b[0] for b in self._blocks), self._hashes[: self._fill]])
+        lines = np.concatenate([*(b[1] for b in self._blocks), self._lines[: self._fill]])
+        order = np.argsort(hashes, kind="stable")  # stable: earlier lines first within a hash
+        hashes, lines = hashes[order], lines[order]
+        del order
+        starts = np.ones(len(hashes), dtype=bool)
+        starts[1:] = hashes[1:] != hashes[:-1]
+        first_of_group = lines[np.maximum.accumulate(np.where(starts, np.arange(len(lines)), 0))]
+        repeated = ~starts
+        pairs = sorted(
+            zip(lines[repeated].tolist(), first_of_group[repeated].tolist(), strict=True)
+        )
+        return pairs[:cap]
 
 
 class FileValidator:
@@ -131,14 +145,14 @@ class FileValidator:
         self._close_shard()
         if self.total == 0 and self.error_count == 0:
             self._error("empty_batch", None, None, "The input file contains no requests.")
-        duplicates = self._hashes.repeated() if self.total else set()
+        duplicates = self._hashes.repeats(self._limits.max_errors_reported) if self.total else []
         return ValidationResult(
             total=self.total,
             shards=self._shards,
             errors=self.errors,
             error_count=self.error_count,
             models=list(self.models),
-            duplicate_hashes=duplicates,
+            possible_duplicates=duplicates,
         )
 
     # -- one line ------------------------------------------------------------------------
@@ -220,7 +234,7 @@ class FileValidator:
                 "invalid_request", line, "custom_id", "The 'custom_id' must be a non-empty string."
             )
             return
-        self._hashes.add(hash(custom_id))
+        self._hashes.add(hash(custom_id), line)
         if obj["method"] != "POST":
             self._error(
                 "invalid_method",
@@ -288,43 +302,36 @@ class FileValidator:
         return known
 
 
-async def locate_duplicates(
-    chunks: AsyncIterator[bytes], hashes: set[int], cap: int
+async def confirm_duplicates(
+    chunks: AsyncIterator[bytes], pairs: list[tuple[int, int]]
 ) -> list[dict[str, Any]]:
-    """Second pass, run only when hashes repeat: report each line reusing an earlier custom_id."""
-    seen: set[str] = set()
-    found: list[dict[str, Any]] = []
+    """Second pass, run only when hashes repeat: read just the flagged lines and compare ids."""
+    wanted = {n for pair in pairs for n in pair}
+    ids: dict[int, str] = {}
     buffer = b""
     line_no = 0
 
     def visit(raw: bytes) -> None:
         nonlocal line_no
         line_no += 1
-        if not raw.strip() or len(found) >= cap:
-            return
-        try:
-            custom_id = orjson.loads(raw).get("custom_id")
-        except (orjson.JSONDecodeError, AttributeError):
-            return
-        if not isinstance(custom_id, str) or hash(custom_id) not in hashes:
-            return
-        if custom_id in seen:
-            found.append(
-                {
-                    "code": "duplicate_custom_id",
-                    "line": line_no,
-                    "param": "custom_id",
-                    "message": f"The custom_id '{custom_id}' is used by an earlier line; each must be unique.",
-                }
-            )
-        else:
-            seen.add(custom_id)
+        if line_no in wanted:
+            ids[line_no] = orjson.loads(raw)["custom_id"]
 
     async for chunk in chunks:
         buffer += chunk
         *lines, buffer = buffer.split(b"\n")
         for raw in lines:
             visit(raw)
+        await asyncio.sleep(0)  # keep the API and lease renewals responsive
     if buffer:
         visit(buffer)
-    return found
+    return [
+        {
+            "code": "duplicate_custom_id",
+            "line": line,
+            "param": "custom_id",
+            "message": f"The custom_id '{ids[line]}' is already used on line {earlier}; each must be unique.",
+        }
+        for line, earlier in pairs
+        if ids.get(line) is not None and ids.get(line) == ids.get(earlier)
+    ]

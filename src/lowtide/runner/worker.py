@@ -17,7 +17,7 @@ from lowtide.engines.router import Router
 from lowtide.ids import new_worker_id
 from lowtide.runner.finalize import finalize_batch
 from lowtide.runner.shard_runner import RunnerContext, ShardRun
-from lowtide.runner.validation import FileValidator, locate_duplicates
+from lowtide.runner.validation import FileValidator, confirm_duplicates
 from lowtide.store import work
 from lowtide.store.database import Database
 from lowtide.store.files import get_file_any_project, take_removable
@@ -221,11 +221,9 @@ class Worker:
             await asyncio.sleep(0)  # let the API answer between chunks
         result = validator.finish()
         errors = list(result.errors)
-        if result.duplicate_hashes:
-            errors += await locate_duplicates(
-                self.blobs.iter_chunks(source["blob_key"]),
-                result.duplicate_hashes,
-                limits.max_errors_reported,
+        if result.possible_duplicates:
+            errors += await confirm_duplicates(
+                self.blobs.iter_chunks(source["blob_key"]), result.possible_duplicates
             )
         errors.sort(key=lambda e: (e["line"] is not None, e["line"] or 0))
         errors = errors[: limits.max_errors_reported]

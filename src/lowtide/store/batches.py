@@ -75,6 +75,8 @@ async def list_batches(
                     select(batches.c.seq).where(batches.c.id == after, batches.c.project == project)
                 )
             ).scalar()
+            if cursor is None:  # unknown cursor: an empty last page, never a restart
+                return [], False
             if cursor is not None:
                 query = query.where(batches.c.seq < cursor)
         rows = (await conn.execute(query.order_by(batches.c.seq.desc()).limit(limit + 1))).all()
@@ -108,6 +110,7 @@ async def request_cancel(
                 batches.c.id == batch_id,
                 batches.c.project == project,
                 batches.c.status.in_(("validating", "in_progress")),
+                batches.c.stop_reason.is_(None),  # an expired batch stays expired
             )
             .values(status="cancelling", cancelling_at=now, stop_reason="cancelled")
         )

@@ -55,6 +55,8 @@ async def list_files(
                     select(files.c.seq).where(files.c.id == after, files.c.project == project)
                 )
             ).scalar()
+            if cursor is None:  # unknown cursor: an empty last page, never a restart
+                return [], False
             if cursor is not None:
                 query = query.where(files.c.seq > cursor if ascending else files.c.seq < cursor)
         order = files.c.seq.asc() if ascending else files.c.seq.desc()

@@ -66,10 +66,13 @@ def _lease_free(table, now: float):  # type: ignore[no-untyped-def]
 
 async def mark_expired(db: Database, now: float) -> list[str]:
     """Flag batches whose completion window has closed; their shards stop and finalize runs."""
+    every_shard_done = ~exists().where(shards.c.batch_id == batches.c.id, shards.c.status != "done")
     due = and_(
         batches.c.status.in_(("validating", "in_progress")),
         batches.c.stop_reason.is_(None),
         batches.c.expires_at <= int(now),
+        # a batch whose every line finished completes, even if finalize has not started yet
+        ~and_(batches.c.status == "in_progress", every_shard_done),
     )
     async with db.write() as conn:
         ids = list((await conn.execute(select(batches.c.id).where(due))).scalars())
@@ -122,7 +125,7 @@ async def claim_batch_task(db: Database, worker: str, now: float, lease: float) 
             "lease_expires_at": now + lease,
             "lease_epoch": epoch,
         }
-        if kind == "finalize" and batch["status"] == "in_progress":
+        if kind == "finalize" and batch["status"] in ("in_progress", "validating"):
             values.update(status="finalizing", finalizing_at=int(now))
         result = await conn.execute(
             update(batches)
@@ -211,10 +214,9 @@ async def claim_shards(
 ) -> list[ShardClaim]:
     """Claim up to `limit` runnable shards, spread across batches (oldest batch first per round)."""
     claimable = and_(
-        or_(
-            shards.c.status == "pending",
-            and_(shards.c.status == "running", shards.c.lease_expires_at < now),
-        ),
+        # pending (and not backing off), or running under a lease that has run out
+        shards.c.status.in_(("pending", "running")),
+        or_(shards.c.lease_expires_at.is_(None), shards.c.lease_expires_at < now),
         batches.c.status == "in_progress",
         batches.c.stop_reason.is_(None),
     )
@@ -331,8 +333,8 @@ async def commit_segment(
     return True
 
 
-async def release_shard(db: Database, claim: ShardClaim) -> None:
-    """Hand a shard back (shutdown or stop) so another worker, or finalize, can take it."""
+async def release_shard(db: Database, claim: ShardClaim, retry_at: float | None = None) -> None:
+    """Hand a shard back so another worker (or finalize) can take it; not before `retry_at`."""
     async with db.write() as conn:
         await conn.execute(
             update(shards)
@@ -342,7 +344,7 @@ async def release_shard(db: Database, claim: ShardClaim) -> None:
                 shards.c.lease_epoch == claim.epoch,
                 shards.c.status == "running",
             )
-            .values(status="pending", lease_owner=None, lease_expires_at=None)
+            .values(status="pending", lease_owner=None, lease_expires_at=retry_at)
         )
 
 
