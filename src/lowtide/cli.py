@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import shutil
 import socket
 import sys
@@ -149,11 +150,18 @@ def run(
     errors = errors or output.with_name(output.stem + ".errors.jsonl")
     workdir = data_dir or Path(tempfile.mkdtemp(prefix="lowtide-run-"))
     try:
-        code = _run_async(_run_file(cfg, workdir, input, output, errors))
+        # A temporary data folder must not cost a model conversion on every run.
+        model_cache = workdir / "models" if data_dir else _user_cache() / "models"
+        code = _run_async(_run_file(cfg, workdir, input, output, errors, model_cache))
     finally:
         if data_dir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     raise typer.Exit(code)
+
+
+def _user_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lowtide"
 
 
 def _run_async(coro):  # type: ignore[no-untyped-def]
@@ -180,7 +188,9 @@ def _endpoint_of(path: Path) -> str:
     return "/v1/chat/completions"
 
 
-async def _run_file(cfg: Config, workdir: Path, input: Path, output: Path, errors: Path) -> int:
+async def _run_file(
+    cfg: Config, workdir: Path, input: Path, output: Path, errors: Path, model_cache: Path
+) -> int:
     from lowtide.api.auth import OPEN_PROJECT
     from lowtide.config import parse_duration
     from lowtide.ids import new_batch_id, new_file_id
@@ -189,7 +199,7 @@ async def _run_file(cfg: Config, workdir: Path, input: Path, output: Path, error
     from lowtide.store import files as file_store
     from lowtide.store.batches import TERMINAL
 
-    runtime = Runtime(cfg, workdir)
+    runtime = Runtime(cfg, workdir, model_cache_dir=model_cache)
     await runtime.start()
     try:
         file_id, now = new_file_id(), int(time.time())

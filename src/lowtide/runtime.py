@@ -21,6 +21,7 @@ class Runtime:
     config: Config
     data_dir: Path
     run_workers: bool = True
+    model_cache_dir: Path | None = None  # converted model weights; default: DATA_DIR/models
     db: Database = field(init=False)
     blobs: BlobStore = field(init=False)
     router: Router = field(init=False)
@@ -31,7 +32,9 @@ class Runtime:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.db = Database(self.config.database_url or sqlite_url(self.data_dir))
         self.blobs = open_blob_store(str(self.data_dir))
-        self.router = Router(self.config.routes(), cache_dir=self.data_dir / "models")
+        self.router = Router(
+            self.config.routes(), cache_dir=self.model_cache_dir or self.data_dir / "models"
+        )
 
     async def start(self) -> None:
         await asyncio.to_thread(self.db.upgrade)

@@ -94,9 +94,8 @@ class BatchedDecoder:
     ) -> None:
         import llama_cpp
         from llama_cpp._internals import LlamaModel
-        from llama_cpp._logger import set_verbose
 
-        set_verbose(False)  # llama.cpp logs every load to stderr; keep errors only
+        _quiet_llama()
         self._llama = llama_cpp
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
@@ -287,6 +286,13 @@ def _sample(logits: np.ndarray, seq: _Sequence) -> int:
     return int(seq.rng.choice(len(probs), p=probs))
 
 
+def _quiet_llama() -> None:
+    """llama.cpp logs every tensor of a load or conversion; keep its errors only."""
+    from llama_cpp._logger import set_verbose
+
+    set_verbose(False)
+
+
 def prepare_weights(source: Path, cache_dir: Path, weights: str) -> Path:
     """Convert the GGUF once (F16 decodes fastest in batches on AVX2 CPUs) and cache it."""
     if weights == "as-is":
@@ -297,6 +303,7 @@ def prepare_weights(source: Path, cache_dir: Path, weights: str) -> Path:
     if target.exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
+    _quiet_llama()
     tmp = target.with_suffix(f".tmp{os.getpid()}")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = (
