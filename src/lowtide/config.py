@@ -55,6 +55,22 @@ class ModelRoute(_Strict):
         description="llamacpp: convert the GGUF once (cached in the data folder) or use it as is",
     )
     batch_size: int = Field(64, ge=1, description="embeddings: inputs encoded together")
+    # Admission (issue: throughput scheduling).
+    rpm: int | None = Field(None, ge=1, description="requests per minute the upstream allows")
+    tpm: int | None = Field(None, ge=1, description="tokens per minute the upstream allows")
+    adaptive: bool | None = Field(
+        None,
+        description="adapt the concurrency window to 429s, errors and latency (default: on for 'openai')",
+    )
+    initial_concurrency: int | None = Field(
+        None, ge=1, description="starting window (default min(8, max))"
+    )
+    min_concurrency: int = Field(1, ge=1)
+    shared: bool = Field(False, description="interactive users share this upstream: yield to them")
+    metrics_url: str | None = Field(None, description="the upstream's Prometheus /metrics (vLLM)")
+    batch_priority: int | None = Field(
+        None, description="send this as the request's 'priority' (vLLM: higher runs later)"
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -102,6 +118,9 @@ class BatchLimits(_Strict):
 class WorkerConfig(_Strict):
     lease_seconds: float = Field(30.0, gt=0)
     max_active_shards: int = Field(8, ge=1)
+    max_batches_in_flight: int = Field(
+        256, ge=1, description="batches one process works on at once"
+    )
     poll_seconds: float = Field(0.5, gt=0)
     segment_lines: int = Field(1000, ge=1)
     segment_seconds: float = Field(2.0, gt=0)

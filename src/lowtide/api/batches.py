@@ -18,7 +18,7 @@ from lowtide.ids import new_batch_id
 from lowtide.runner.validation import SUPPORTED_ENDPOINTS
 from lowtide.runtime import Runtime
 from lowtide.store import batches as batch_store
-from lowtide.store.batches import TERMINAL
+from lowtide.store.batches import PRIORITIES, TERMINAL
 
 router = APIRouter()
 Project = Annotated[str, Depends(project_of)]
@@ -107,6 +107,13 @@ def _check_metadata(metadata: dict[str, Any] | None) -> None:
                 param=f"metadata.{key}",
                 code="invalid_type",
             )
+        if key == "priority" and value not in PRIORITIES:
+            raise ApiError(
+                400,
+                f"Invalid 'metadata.priority': {value!r}. Use one of 'high', 'normal', 'low'.",
+                param="metadata.priority",
+                code="invalid_value",
+            )
         if len(value) > 512:
             raise ApiError(
                 400,
@@ -157,6 +164,7 @@ async def create_batch(request: Request, body: CreateBatch, project: Project):
         now=int(time.time()),
         metadata_json=orjson.dumps(body.metadata).decode() if body.metadata is not None else None,
         output_expires_seconds=output_ttl,
+        priority=(body.metadata or {}).get("priority", "normal"),
     )
     await batch_store.insert_batch(rt.db, row)
     rt.wake_worker()

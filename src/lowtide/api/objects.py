@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import orjson
@@ -60,6 +61,24 @@ def batch_object(row: dict[str, Any], progress: dict[str, int] | None = None) ->
             "total_tokens": input_tokens + output_tokens,
         },
         "metadata": orjson.loads(row["metadata"]) if row["metadata"] else None,
+        # Extension (an extra field; clients ignore it): priority, live rate and estimated finish.
+        "lowtide": _progress_extension(row, counts),
+    }
+
+
+def _progress_extension(row: dict[str, Any], counts: dict[str, Any]) -> dict[str, Any]:
+    done = int(counts.get("completed") or 0) + int(counts.get("failed") or 0)
+    total = int(row["total"] or 0)
+    rate = eta = None
+    started = row["in_progress_at"]
+    if row["status"] in ("in_progress", "finalizing") and started and done:
+        now = time.time()
+        rate = done / max(now - started, 1e-3)
+        eta = int(now + (total - done) / rate) if rate > 0 else None
+    return {
+        "priority": row.get("priority") or "normal",
+        "lines_per_second": rate,
+        "estimated_finish_at": eta,
     }
 
 

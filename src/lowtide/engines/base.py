@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ class EngineResponse:
     body: Any
     request_id: str | None = None
     retry_after: float | None = None
+    headers: Mapping[str, str] | None = None  # rate-limit headers, for admission to learn from
 
 
 class TransientEngineError(Exception):

@@ -69,6 +69,8 @@ class OpenAIHttpEngine(Engine):
         assert self._session is not None
         if self._route.upstream_model:
             body = {**body, "model": self._route.upstream_model}
+        if self._route.batch_priority is not None:
+            body = {**body, "priority": self._route.batch_priority}
         try:
             async with self._session.post(
                 self._url(endpoint), data=orjson.dumps(body), headers=self._headers
@@ -106,6 +108,9 @@ class OpenAIHttpEngine(Engine):
             body=parsed,
             request_id=headers.get("x-request-id") or headers.get("request-id"),
             retry_after=parse_retry_after(headers),
+            headers={
+                k.lower(): v for k, v in headers.items() if k.lower().startswith("x-ratelimit-")
+            },
         )
 
     async def close(self) -> None:

@@ -17,8 +17,11 @@ from typing import Any
 
 import orjson
 
+from lowtide import metrics
+from lowtide.admission.controller import RouteController
+from lowtide.admission.estimate import estimate_tokens
 from lowtide.blobs import BlobStore
-from lowtide.config import WorkerConfig
+from lowtide.config import ModelRoute, WorkerConfig
 from lowtide.engines.base import EngineResponse, TransientEngineError
 from lowtide.engines.router import Router
 from lowtide.ids import request_line_id
@@ -26,6 +29,7 @@ from lowtide.runner.results import OK_PREFIX, error_line, response_line, usage_o
 from lowtide.runner.retry import backoff_seconds, is_retryable_status
 from lowtide.runner.validation import iter_request_lines
 from lowtide.store import work
+from lowtide.store.batches import PRIORITIES
 from lowtide.store.database import Database
 from lowtide.store.files import blob_key_any
 
@@ -40,13 +44,13 @@ class RunnerContext:
     blobs: BlobStore
     router: Router
     config: WorkerConfig
-    limiters: dict[str, asyncio.Semaphore] = field(default_factory=dict)
+    controllers: dict[str, RouteController] = field(default_factory=dict)
 
-    def limiter(self, route_name: str, size: int) -> asyncio.Semaphore:
-        sem = self.limiters.get(route_name)
-        if sem is None:
-            sem = self.limiters[route_name] = asyncio.Semaphore(size)
-        return sem
+    def admission(self, route: ModelRoute) -> RouteController:
+        controller = self.controllers.get(route.name)
+        if controller is None:
+            controller = self.controllers[route.name] = RouteController(route)
+        return controller
 
 
 @dataclass(slots=True)
@@ -124,6 +128,15 @@ class ShardRun:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    def _weight(self) -> float:
+        """This batch's share: its priority, boosted when its window is about to close."""
+        claim = self.claim
+        weight = PRIORITIES.get(claim.priority, 1.0)
+        window = claim.expires_at - claim.created_at
+        if window > 0 and claim.expires_at - time.time() < 0.25 * window:
+            weight *= 8  # the last quarter of the completion window: go first
+        return weight
+
     def _window_size(self, first: dict[str, Any] | None) -> int:
         route = self.ctx.router.route_for(str((first or {}).get("body", {}).get("model", "")))
         return min(1024, 2 * route.max_concurrency) if route else 64
@@ -197,26 +210,46 @@ class ShardRun:
         except Exception as exc:  # a misconfigured route fails its lines, never the shard
             message = f"The engine for '{route.name}' could not be created: {exc}"
             return _error_done(error_line(line_id, custom_id, "engine_error", message))
-        limiter = self.ctx.limiter(route.name, route.max_concurrency)
+        controller = self.ctx.admission(route)
+        weight = self._weight()
+        cost = estimate_tokens(claim.endpoint, body)
         cfg = self.ctx.config
         response: EngineResponse | None = None
         failure: TransientEngineError | None = None
         for attempt in range(route.max_retries + 1):
-            async with limiter:
-                try:
-                    response, failure = await engine.execute(claim.endpoint, body), None
-                except TransientEngineError as exc:
-                    response, failure = None, exc
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # an engine bug must fail the line, not the shard
-                    log.exception("engine %s failed on %s", route.name, custom_id)
-                    message = f"The engine failed: {exc.__class__.__name__}: {exc}"
-                    return _error_done(error_line(line_id, custom_id, "engine_error", message))
+            permit = await controller.acquire(claim.batch_id, weight, cost)
+            try:
+                response, failure = await engine.execute(claim.endpoint, body), None
+            except TransientEngineError as exc:
+                response, failure = None, exc
+            except asyncio.CancelledError:
+                controller.release(permit, status=0)
+                raise
+            except Exception as exc:  # an engine bug must fail the line, not the shard
+                controller.release(permit, status=0)
+                log.exception("engine %s failed on %s", route.name, custom_id)
+                message = f"The engine failed: {exc.__class__.__name__}: {exc}"
+                return _error_done(error_line(line_id, custom_id, "engine_error", message))
+            if response is None:
+                controller.release(permit, status=None)
+                metrics.route_requests.labels(
+                    route.name, failure.code if failure else "error"
+                ).inc()
+            else:
+                usage = usage_of(response.body)
+                controller.release(
+                    permit,
+                    status=response.status_code,
+                    used_tokens=usage.input_tokens + usage.output_tokens,
+                    retry_after=response.retry_after,
+                    headers=response.headers,
+                )
+                metrics.route_requests.labels(route.name, str(response.status_code)).inc()
             if response is not None and not is_retryable_status(response.status_code):
                 break
             if attempt == route.max_retries or self.stopping or self.lost:
                 break
+            metrics.route_retries.labels(route.name).inc()
             retry_after = response.retry_after if response is not None else None
             await asyncio.sleep(
                 backoff_seconds(attempt, cfg.retry_base_seconds, cfg.retry_max_seconds, retry_after)

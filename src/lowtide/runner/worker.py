@@ -91,12 +91,21 @@ class Worker:
             if task is None:
                 break
             self._spawn_batch_task(task)
-        free = cfg.max_active_shards - len(self._shards)
-        if free > 0 and not self._stopping:
-            for claim in await work.claim_shards(
-                self.db, self.id, time.time(), cfg.lease_seconds, free
-            ):
-                self._spawn_shard(claim)
+        if not self._stopping:
+            # Every batch waiting for work gets a first shard, even when big batches hold all
+            # the regular slots; then the regular slots are filled.
+            room = cfg.max_batches_in_flight - len(self._shards)
+            if room > 0:
+                for claim in await work.claim_shards(
+                    self.db, self.id, time.time(), cfg.lease_seconds, room, idle_batches_only=True
+                ):
+                    self._spawn_shard(claim)
+            free = cfg.max_active_shards - len(self._shards)
+            if free > 0:
+                for claim in await work.claim_shards(
+                    self.db, self.id, time.time(), cfg.lease_seconds, free
+                ):
+                    self._spawn_shard(claim)
         if now - self._last_sweep >= cfg.sweep_seconds:
             self._last_sweep = now
             await self._sweep(int(now))

@@ -10,6 +10,7 @@ from lowtide.store.database import Database
 from lowtide.store.schema import batches, shards
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
+PRIORITIES = {"high": 4.0, "normal": 1.0, "low": 0.25}  # weights in the fair share
 _PROGRESS_COLUMNS = (
     "completed",
     "failed",
@@ -31,6 +32,7 @@ def new_batch_row(
     now: int,
     metadata_json: str | None = None,
     output_expires_seconds: int | None = None,
+    priority: str = "normal",
 ) -> dict[str, Any]:
     """A freshly created batch, waiting for a worker to validate it."""
     zeros = dict.fromkeys(("total", *_PROGRESS_COLUMNS, "lease_epoch"), 0)
@@ -45,6 +47,7 @@ def new_batch_row(
         "expires_at": now + window_seconds,
         "metadata": metadata_json,
         "output_expires_seconds": output_expires_seconds,
+        "priority": priority,
         **zeros,
     }
 

@@ -62,6 +62,8 @@ batches = Table(
     Column("model", Text),
     # Why the batch must stop early: 'cancelled' or 'expired'; null while it may run on.
     Column("stop_reason", String(16)),
+    # Share of the engines relative to other batches: 'high' | 'normal' | 'low' (from metadata).
+    Column("priority", String(8), nullable=False, server_default="normal"),
     Column("total", BigInteger, nullable=False, default=0),
     # Final counts and usage, written once at finalize; while running they are summed from shards.
     Column("completed", BigInteger, nullable=False, default=0),

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, delete, exists, func, insert, or_, select, update
+from sqlalchemy import and_, case, delete, exists, func, insert, or_, select, update
 
 from lowtide.store.database import Database
 from lowtide.store.schema import batches, segments, shards
@@ -47,6 +47,9 @@ class ShardClaim:
     committed: int
     endpoint: str
     input_file_id: str
+    priority: str = "normal"
+    created_at: int = 0
+    expires_at: int = 0
 
 
 @dataclass(slots=True)
@@ -210,9 +213,20 @@ async def finish_validation(
 
 
 async def claim_shards(
-    db: Database, worker: str, now: float, lease: float, limit: int
+    db: Database,
+    worker: str,
+    now: float,
+    lease: float,
+    limit: int,
+    *,
+    idle_batches_only: bool = False,
 ) -> list[ShardClaim]:
-    """Claim up to `limit` runnable shards, spread across batches (oldest batch first per round)."""
+    """Claim up to `limit` runnable shards: every batch's first shard before any batch's second.
+
+    Among shards of equal rank, higher priority goes first, then the batch whose completion
+    window closes first. With `idle_batches_only`, only batches with no shard running anywhere
+    are considered: that is how a new batch gets a worker even while a big one fills them all.
+    """
     claimable = and_(
         # pending (and not backing off), or running under a lease that has run out
         shards.c.status.in_(("pending", "running")),
@@ -220,12 +234,29 @@ async def claim_shards(
         batches.c.status == "in_progress",
         batches.c.stop_reason.is_(None),
     )
-    # Rank each batch's runnable shards, then take rank 1 of every batch before any rank 2: a
-    # small batch created behind a huge one gets the next free slot instead of waiting its turn.
+    if idle_batches_only:
+        running = shards.alias("running")
+        claimable = and_(
+            claimable,
+            ~exists().where(
+                running.c.batch_id == shards.c.batch_id,
+                running.c.status == "running",
+                running.c.lease_expires_at >= now,
+            ),
+        )
     rank = func.row_number().over(partition_by=shards.c.batch_id, order_by=shards.c.idx)
+    urgency = case((batches.c.priority == "high", 0), (batches.c.priority == "low", 2), else_=1)
     ranked = (
         select(
-            shards, batches.c.endpoint, batches.c.input_file_id, batches.c.seq, rank.label("rank")
+            shards,
+            batches.c.endpoint,
+            batches.c.input_file_id,
+            batches.c.seq,
+            batches.c.priority,
+            batches.c.created_at,
+            batches.c.expires_at,
+            urgency.label("urgency"),
+            rank.label("rank"),
         )
         .join(batches, batches.c.id == shards.c.batch_id)
         .where(claimable)
@@ -233,8 +264,8 @@ async def claim_shards(
     )
     query = (
         select(ranked)
-        .where(ranked.c.rank <= limit)
-        .order_by(ranked.c.rank, ranked.c.seq)
+        .where(ranked.c.rank <= (1 if idle_batches_only else limit))
+        .order_by(ranked.c.rank, ranked.c.urgency, ranked.c.expires_at, ranked.c.seq)
         .limit(limit * 4)
     )
     claims: list[ShardClaim] = []
@@ -272,6 +303,9 @@ async def claim_shards(
                         committed=row["committed"],
                         endpoint=row["endpoint"],
                         input_file_id=row["input_file_id"],
+                        priority=row["priority"],
+                        created_at=row["created_at"],
+                        expires_at=row["expires_at"] or 0,
                     )
                 )
     return claims

@@ -1,0 +1,1 @@
+"""Admission: when may a request go to an engine? Budgets, an adaptive window, fair share."""

@@ -1,0 +1,230 @@
+"""Per-route admission: an adaptive window, RPM/TPM budgets, Retry-After pauses and fair share.
+
+Every request for a route asks `acquire(batch, weight, cost)` for a permit. Permits are granted
+while the route has room in its window, its budgets and is not paused by a Retry-After. When
+requests must wait, they are granted by weighted fair queuing across batches: each batch has a
+virtual time that advances by 1/weight per grant, and the waiting batch with the smallest
+virtual time goes next. So a 10-line batch behind a million-line one is served at once, and a
+'high' priority batch gets four times the share of a 'normal' one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from lowtide import metrics
+from lowtide.admission.budgets import TokenBucket
+from lowtide.admission.headers import parse_rate_limit_headers
+from lowtide.admission.window import ConcurrencyWindow
+from lowtide.config import ModelRoute
+
+log = logging.getLogger("lowtide.admission")
+
+
+@dataclass(slots=True)
+class Permit:
+    batch: str
+    cost: int
+    started: float = 0.0
+
+
+@dataclass(slots=True)
+class _Waiter:
+    permit: Permit
+    future: asyncio.Future[Permit]
+
+
+@dataclass
+class _BatchQueue:
+    weight: float
+    vtime: float
+    waiters: deque[_Waiter] = field(default_factory=deque)
+
+
+class RouteController:
+    def __init__(self, route: ModelRoute) -> None:
+        self.route = route
+        self.name = route.name
+        adaptive = route.adaptive if route.adaptive is not None else route.engine == "openai"
+        self.window = ConcurrencyWindow(
+            initial=route.initial_concurrency or min(route.max_concurrency, 8),
+            minimum=route.min_concurrency,
+            maximum=route.max_concurrency,
+            adaptive=adaptive,
+        )
+        self.rpm = TokenBucket(route.rpm) if route.rpm else None
+        self.tpm = TokenBucket(route.tpm) if route.tpm else None
+        self._learn_rpm = route.rpm is None
+        self._learn_tpm = route.tpm is None
+        self.in_flight = 0
+        self.paused_until = 0.0
+        self._queues: dict[str, _BatchQueue] = {}
+        self._waiting = 0
+        self._vclock = 0.0  # virtual time of the last grant: new batches start here
+        self._kick = asyncio.Event()
+        self._pump_task: asyncio.Task[None] | None = None
+        metrics.route_window.labels(self.name).set(self.window.limit)
+
+    # -- asking for a permit -------------------------------------------------------------
+    async def acquire(self, batch: str, weight: float, cost: int) -> Permit:
+        permit = Permit(batch, cost)
+        if not self._waiting and self._blocked_for(cost) == 0.0:
+            self._grant(permit, self._queue(batch, weight))
+            return permit
+        future: asyncio.Future[Permit] = asyncio.get_running_loop().create_future()
+        queue = self._queue(batch, weight)
+        queue.waiters.append(_Waiter(permit, future))
+        self._waiting += 1
+        self._ensure_pump()
+        self._kick.set()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release(future.result(), status=None)  # granted as we were cancelled
+            raise
+
+    def _queue(self, batch: str, weight: float) -> _BatchQueue:
+        queue = self._queues.get(batch)
+        if queue is None:
+            queue = self._queues[batch] = _BatchQueue(weight, self._vclock)
+        else:
+            queue.weight = weight
+            if not queue.waiters:
+                queue.vtime = max(queue.vtime, self._vclock)  # no credit for idle time
+        return queue
+
+    def _blocked_for(self, cost: int) -> float:
+        """0 if a request of `cost` may go now; else seconds to wait (inf: until a release)."""
+        if self.in_flight >= self.window.limit:
+            return float("inf")
+        now = time.monotonic()
+        wait = max(0.0, self.paused_until - now)
+        if self.rpm is not None:
+            wait = max(wait, self.rpm.wait_time(1, now))
+        if self.tpm is not None:
+            wait = max(wait, self.tpm.wait_time(cost, now))
+        return wait
+
+    def _grant(self, permit: Permit, queue: _BatchQueue) -> None:
+        now = time.monotonic()
+        if self.rpm is not None:
+            self.rpm.take(1, now)
+        if self.tpm is not None:
+            self.tpm.take(permit.cost, now)
+        queue.vtime += 1.0 / queue.weight
+        self._vclock = queue.vtime
+        self.in_flight += 1
+        permit.started = now
+        metrics.route_in_flight.labels(self.name).set(self.in_flight)
+
+    def _ensure_pump(self) -> None:
+        if self._pump_task is None or self._pump_task.done():
+            self._pump_task = asyncio.create_task(self._pump())
+
+    async def _pump(self) -> None:
+        """Grant waiting requests, fairest batch first, whenever the route has room."""
+        while self._waiting:
+            self._kick.clear()
+            delay = self._grant_ready()
+            if not self._waiting:
+                break
+            timeout = None if delay == float("inf") else max(delay, 0.001)
+            try:
+                await asyncio.wait_for(self._kick.wait(), timeout=timeout)
+            except TimeoutError:
+                pass
+        for batch in [b for b, q in self._queues.items() if not q.waiters]:
+            if self._queues[batch].vtime <= self._vclock:
+                del self._queues[batch]  # forget idle batches that have no credit left
+
+    def _grant_ready(self) -> float:
+        while self._waiting:
+            queue = min((q for q in self._queues.values() if q.waiters), key=lambda q: q.vtime)
+            waiter = queue.waiters[0]
+            if waiter.future.done():  # cancelled while waiting
+                queue.waiters.popleft()
+                self._waiting -= 1
+                continue
+            delay = self._blocked_for(waiter.permit.cost)
+            if delay > 0:
+                return delay
+            queue.waiters.popleft()
+            self._waiting -= 1
+            self._grant(waiter.permit, queue)
+            waiter.future.set_result(waiter.permit)
+        return 0.0
+
+    # -- what happened -------------------------------------------------------------------
+    def release(
+        self,
+        permit: Permit,
+        *,
+        status: int | None,
+        used_tokens: int | None = None,
+        retry_after: float | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Return the permit. status None: no answer (timeout, connection); 0: cancelled."""
+        now = time.monotonic()
+        self.in_flight -= 1
+        metrics.route_in_flight.labels(self.name).set(self.in_flight)
+        if headers:
+            self._learn(headers)
+        if status == 0:  # cancelled or an engine bug: nothing learned
+            pass
+        elif status == 429:
+            metrics.route_rate_limited.labels(self.name).inc()
+            if self.rpm is not None:
+                self.rpm.give_back(1)  # a refused request does not count against the limit
+            if self.tpm is not None:
+                self.tpm.give_back(permit.cost)
+            if retry_after:
+                self.paused_until = max(self.paused_until, now + min(retry_after, 120.0))
+            self.window.on_overload()
+        elif status is None or status >= 500 or status == 408:
+            self.window.on_overload()
+        else:
+            self.window.on_success(now - permit.started, self.in_flight)
+            if self.tpm is not None and used_tokens is not None:
+                self.tpm.give_back(permit.cost - used_tokens)
+            if used_tokens:
+                metrics.route_tokens.labels(self.name).inc(used_tokens)
+        metrics.route_window.labels(self.name).set(self.window.limit)
+        if self._waiting:
+            self._kick.set()
+
+    def _learn(self, headers: Mapping[str, str]) -> None:
+        info = parse_rate_limit_headers(headers)
+        if info.empty:
+            return
+        if self._learn_rpm and info.limit_requests:
+            if self.rpm is None:
+                self.rpm = TokenBucket(info.limit_requests)
+                log.info(
+                    "route %s: learned a limit of %g requests/min", self.name, info.limit_requests
+                )
+            self.rpm.resize(info.limit_requests)
+        if self._learn_tpm and info.limit_tokens:
+            if self.tpm is None:
+                self.tpm = TokenBucket(info.limit_tokens)
+                log.info("route %s: learned a limit of %g tokens/min", self.name, info.limit_tokens)
+            self.tpm.resize(info.limit_tokens)
+        if self.rpm is not None and info.remaining_requests is not None:
+            self.rpm.clamp(info.remaining_requests)
+        if self.tpm is not None and info.remaining_tokens is not None:
+            self.tpm.clamp(info.remaining_tokens)
+
+    def snapshot(self) -> dict[str, float]:
+        return {
+            "in_flight": self.in_flight,
+            "window": self.window.limit,
+            "waiting": self._waiting,
+            "rpm": self.rpm.per_minute if self.rpm else 0,
+            "tpm": self.tpm.per_minute if self.tpm else 0,
+        }
