@@ -68,7 +68,24 @@ class RouteController:
         self._vclock = 0.0  # virtual time of the last grant: new batches start here
         self._kick = asyncio.Event()
         self._pump_task: asyncio.Task[None] | None = None
-        metrics.route_window.labels(self.name).set(self.window.limit)
+        # Labelled metric children, looked up once: this is on every request's path.
+        self._m_in_flight = metrics.route_in_flight.labels(self.name)
+        self._m_window = metrics.route_window.labels(self.name)
+        self._m_tokens = metrics.route_tokens.labels(self.name)
+        self._m_limited = metrics.route_rate_limited.labels(self.name)
+        self._m_retries = metrics.route_retries.labels(self.name)
+        self._m_outcomes: dict[str, object] = {}
+        self._m_window.set(self.window.limit)
+
+    def count(self, outcome: str) -> None:
+        """One request answered (`outcome` is the status code, or the transient error's code)."""
+        child = self._m_outcomes.get(outcome)
+        if child is None:
+            child = self._m_outcomes[outcome] = metrics.route_requests.labels(self.name, outcome)
+        child.inc()  # type: ignore[attr-defined]
+
+    def retried(self) -> None:
+        self._m_retries.inc()
 
     # -- asking for a permit -------------------------------------------------------------
     async def acquire(self, batch: str, weight: float, cost: int) -> Permit:
@@ -121,7 +138,7 @@ class RouteController:
         self._vclock = queue.vtime
         self.in_flight += 1
         permit.started = now
-        metrics.route_in_flight.labels(self.name).set(self.in_flight)
+        self._m_in_flight.set(self.in_flight)
 
     def _ensure_pump(self) -> None:
         if self._pump_task is None or self._pump_task.done():
@@ -173,13 +190,13 @@ class RouteController:
         """Return the permit. status None: no answer (timeout, connection); 0: cancelled."""
         now = time.monotonic()
         self.in_flight -= 1
-        metrics.route_in_flight.labels(self.name).set(self.in_flight)
+        self._m_in_flight.set(self.in_flight)
         if headers:
             self._learn(headers)
         if status == 0:  # cancelled or an engine bug: nothing learned
             pass
         elif status == 429:
-            metrics.route_rate_limited.labels(self.name).inc()
+            self._m_limited.inc()
             if self.rpm is not None:
                 self.rpm.give_back(1)  # a refused request does not count against the limit
             if self.tpm is not None:
@@ -194,8 +211,8 @@ class RouteController:
             if self.tpm is not None and used_tokens is not None:
                 self.tpm.give_back(permit.cost - used_tokens)
             if used_tokens:
-                metrics.route_tokens.labels(self.name).inc(used_tokens)
-        metrics.route_window.labels(self.name).set(self.window.limit)
+                self._m_tokens.inc(used_tokens)
+        self._m_window.set(self.window.limit)
         if self._waiting:
             self._kick.set()
 

@@ -17,7 +17,6 @@ from typing import Any
 
 import orjson
 
-from lowtide import metrics
 from lowtide.admission.controller import RouteController
 from lowtide.admission.estimate import estimate_tokens
 from lowtide.blobs import BlobStore
@@ -232,9 +231,7 @@ class ShardRun:
                 return _error_done(error_line(line_id, custom_id, "engine_error", message))
             if response is None:
                 controller.release(permit, status=None)
-                metrics.route_requests.labels(
-                    route.name, failure.code if failure else "error"
-                ).inc()
+                controller.count(failure.code if failure else "error")
             else:
                 usage = usage_of(response.body)
                 controller.release(
@@ -244,12 +241,12 @@ class ShardRun:
                     retry_after=response.retry_after,
                     headers=response.headers,
                 )
-                metrics.route_requests.labels(route.name, str(response.status_code)).inc()
+                controller.count(str(response.status_code))
             if response is not None and not is_retryable_status(response.status_code):
                 break
             if attempt == route.max_retries or self.stopping or self.lost:
                 break
-            metrics.route_retries.labels(route.name).inc()
+            controller.retried()
             retry_after = response.retry_after if response is not None else None
             await asyncio.sleep(
                 backoff_seconds(attempt, cfg.retry_base_seconds, cfg.retry_max_seconds, retry_after)
