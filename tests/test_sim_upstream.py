@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import subprocess
+import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -11,6 +15,10 @@ from typing import Any
 import aiohttp
 import pytest
 import support
+
+from lowtide.admission.headers import parse_reset
+from lowtide.sim.interactive import run_interactive
+from lowtide.sim.upstream import SimConfig, _delay_ms, _State, format_duration
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 CHAT = {"model": "sim-model", "messages": [{"role": "user", "content": "hello there"}]}
@@ -213,3 +221,262 @@ def test_runtime_config_changes_rates(start_sim):
 
     assert call("POST", f"{_root(url)}/sim/config", {"rate_500": 2})[0] == 400
     assert call("POST", f"{_root(url)}/sim/config", {"port": 1})[0] == 400
+
+
+# ---------------------------------------------------------------- provider rate limits
+
+
+def _chat_n(n: int, **extra: Any) -> dict[str, Any]:
+    return {**CHAT, "max_tokens": n, **extra}
+
+
+def test_rpm_limit_answers_429_with_retry_after_and_headers(start_sim):
+    url = start_sim("--rpm", "3")
+    key = {"Authorization": "Bearer alice"}
+    remaining = []
+    for _ in range(3):
+        status, headers, _ = call("POST", f"{url}/chat/completions", CHAT, headers=key)
+        assert status == 200
+        assert headers["x-ratelimit-limit-requests"] == "3"
+        assert "x-ratelimit-limit-tokens" not in headers  # no --tpm
+        remaining.append(headers["x-ratelimit-remaining-requests"])
+    assert remaining == ["2", "1", "0"]
+    assert parse_reset(headers["x-ratelimit-reset-requests"]) == pytest.approx(60, abs=1)
+
+    status, headers, body = call("POST", f"{url}/chat/completions", CHAT, headers=key)
+    assert status == 429
+    assert body["error"]["type"] == "requests"
+    assert body["error"]["code"] == "rate_limit_exceeded"
+    assert "requests per min" in body["error"]["message"]
+    assert headers["retry-after"] == "20"  # one request refills in 60/3 s, rounded up
+    assert 19_000 < int(headers["retry-after-ms"]) <= 20_000
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert parse_reset(headers["x-ratelimit-reset-requests"]) is not None
+
+    # Limits are per key: another key (or none) still has its full minute.
+    status, headers, _ = call("POST", f"{url}/chat/completions", CHAT)
+    assert status == 200 and headers["x-ratelimit-remaining-requests"] == "2"
+
+    _, _, stats = call("GET", f"{_root(url)}/sim/stats")
+    assert stats["rate_limited"] == 1
+    assert stats["by_status"] == {"200": 4, "429": 1}
+
+    call("POST", f"{_root(url)}/sim/reset")  # refills every bucket
+    assert call("POST", f"{url}/chat/completions", CHAT, headers=key)[0] == 200
+
+
+def test_no_ratelimit_headers_still_sends_retry_after(start_sim):
+    url = start_sim("--rpm", "1", "--tpm", "1000", "--no-ratelimit-headers")
+    status, headers, _ = call("POST", f"{url}/chat/completions", CHAT)
+    assert status == 200
+    assert not [h for h in headers if h.lower().startswith("x-ratelimit")]
+    status, headers, body = call("POST", f"{url}/chat/completions", CHAT)
+    assert status == 429 and body["error"]["type"] == "requests"
+    assert not [h for h in headers if h.lower().startswith("x-ratelimit")]
+    assert headers["retry-after"] == "60" and int(headers["retry-after-ms"]) > 59_000
+
+
+def test_tpm_charges_prompt_plus_max_tokens(start_sim):
+    url = start_sim("--tpm", "100")
+    # "hello there" is 2 prompt tokens; the charge is prompt + max_tokens.
+    status, headers, _ = call("POST", f"{url}/chat/completions", _chat_n(40))
+    assert status == 200
+    assert headers["x-ratelimit-limit-tokens"] == "100"
+    assert headers["x-ratelimit-remaining-tokens"] == "58"
+    assert "x-ratelimit-limit-requests" not in headers  # no --rpm
+    body = {**CHAT, "max_completion_tokens": 30, "max_tokens": 5}  # the newer field wins
+    _, headers, _ = call("POST", f"{url}/chat/completions", body)
+    assert headers["x-ratelimit-remaining-tokens"] == "26"
+    _, headers, _ = call("POST", f"{url}/chat/completions", _chat_n(20))
+    assert headers["x-ratelimit-remaining-tokens"] == "4"
+    # No budget given: 2 + 16 tokens are charged, more than the 4 left.
+    status, headers, body = call("POST", f"{url}/chat/completions", CHAT)
+    assert status == 429
+    assert body["error"]["type"] == "tokens" and "tokens per min" in body["error"]["message"]
+    # 14 more tokens at 100/60 per second: about 8.4 s.
+    assert headers["retry-after"] == "9"
+    assert 8_000 < int(headers["retry-after-ms"]) <= 8_400
+    # More than a whole minute's worth can never fit.
+    status, _, body = call("POST", f"{url}/chat/completions", _chat_n(500))
+    assert status == 429 and "too large" in body["error"]["message"]
+
+
+def test_format_duration_matches_openai():
+    assert [format_duration(s) for s in (0, 0.02, 1, 90.5, 360, 3723.25)] == [
+        "0s",
+        "20ms",
+        "1s",
+        "1m30.5s",
+        "6m0s",
+        "1h2m3.25s",
+    ]
+    assert format_duration(0.0001) == "1ms"  # a positive wait never reads as 0
+
+
+# ---------------------------------------------------------------- engine capacity
+
+
+async def _timed_chats(url: str, bodies: list[dict]) -> list[tuple[float, dict]]:
+    """Send bodies concurrently; (seconds until each answer, body) in send order."""
+    async with aiohttp.ClientSession() as s:
+
+        async def one(body: dict) -> tuple[float, dict]:
+            start = time.perf_counter()
+            async with s.post(f"{url}/chat/completions", json=body) as resp:
+                assert resp.status == 200
+                payload = await resp.json()
+            return time.perf_counter() - start, payload
+
+        return await asyncio.gather(*(one(b) for b in bodies))
+
+
+def test_capacity_shares_decode_rate(start_sim):
+    url = start_sim("--capacity-tokens-per-s", "200", "--max-tokens-per-s-per-request", "100")
+    [(alone, body)] = asyncio.run(_timed_chats(url, [_chat_n(50)]))
+    choice = body["choices"][0]
+    assert body["usage"]["completion_tokens"] == 50
+    assert len(choice["message"]["content"].split()) == 50
+    assert choice["finish_reason"] == "length"
+
+    # Two fit under the ceiling (200 / 2 = 100 tokens/s each, the per-request max).
+    two = asyncio.run(_timed_chats(url, [_chat_n(50)] * 2))
+    assert max(t for t, _ in two) / alone < 1.4
+    # Four share 200 tokens/s: 50 each, twice as slow.
+    four = asyncio.run(_timed_chats(url, [_chat_n(50)] * 4))
+    assert min(t for t, _ in four) / alone > 1.4
+
+    _, _, stats = call("GET", f"{_root(url)}/sim/stats")
+    assert stats["completion_tokens_total"] == 7 * 50
+    assert (stats["running"], stats["waiting"]) == (0, 0)
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} {labels} not in /metrics:\n{text}")
+
+
+async def _get_text(url: str) -> str:
+    async with aiohttp.ClientSession() as s, s.get(url) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        return await resp.text()
+
+
+def test_metrics_show_waiting_queue(start_sim):
+    url = start_sim(
+        "--max-running", "1", "--capacity-tokens-per-s", "100",
+        "--max-tokens-per-s-per-request", "100",
+    )  # fmt: skip
+
+    async def scenario() -> tuple[str, str, list]:
+        sends = asyncio.gather(_timed_chats(url, [_chat_n(30)] * 3))
+        await asyncio.sleep(0.15)
+        during = await _get_text(f"{_root(url)}/metrics")
+        results = await sends
+        after = await _get_text(f"{_root(url)}/metrics")
+        return during, after, results[0]
+
+    during, after, results = asyncio.run(scenario())
+    model = {"model_name": "sim-model"}
+    assert "# TYPE vllm:num_requests_waiting gauge" in during
+    assert _metric(during, "vllm:num_requests_running", **model) == 1
+    assert _metric(during, "vllm:num_requests_waiting", **model) == 2
+    assert _metric(after, "vllm:num_requests_running", **model) == 0
+    assert _metric(after, "vllm:num_requests_waiting", **model) == 0
+    assert _metric(after, "vllm:request_success_total", finished_reason="length", **model) == 3
+    assert _metric(after, "vllm:generation_tokens_total", **model) == 90
+    # One at a time: the last waited for the two before it (about 0.9 s in all).
+    assert max(t for t, _ in results) > 2 * min(t for t, _ in results)
+
+
+def test_priority_orders_waiting_queue(start_sim):
+    url = start_sim(
+        "--max-running", "1", "--capacity-tokens-per-s", "1000",
+        "--max-tokens-per-s-per-request", "100",
+    )  # fmt: skip
+    done: list[str] = []
+
+    async def scenario() -> None:
+        async with aiohttp.ClientSession() as s:
+
+            async def one(name: str, body: dict) -> None:
+                async with s.post(f"{url}/chat/completions", json=body) as resp:
+                    assert resp.status == 200
+                    await resp.read()
+                done.append(name)
+
+            tasks = [asyncio.create_task(one("first", _chat_n(30)))]  # runs alone: 0.3 s
+            for name, prio in (("p5", 5), ("p1", 1), ("p-1", -1), ("p1-later", 1), ("p0", None)):
+                await asyncio.sleep(0.03)
+                extra = {} if prio is None else {"priority": prio}
+                tasks.append(asyncio.create_task(one(name, _chat_n(2, **extra))))
+            await asyncio.gather(*tasks)
+
+    asyncio.run(scenario())
+    # Lower priority first; equal priority in arrival order; no priority means 0.
+    assert done == ["first", "p-1", "p0", "p1", "p1-later", "p5"]
+
+
+def test_runtime_config_limits_and_capacity(start_sim):
+    url = start_sim()
+    changes = {
+        "rpm": 2,
+        "tpm": 1000,
+        "capacity_tokens_per_s": 5000,
+        "max_running": 4,
+        "latency_dist": "lognormal",
+        "latency_sigma": 0.1,
+        "no_ratelimit_headers": False,
+    }
+    status, _, cfg = call("POST", f"{_root(url)}/sim/config", changes)
+    assert status == 200 and {k: cfg[k] for k in changes} == changes
+    statuses = [call("POST", f"{url}/chat/completions", _chat_n(5))[0] for _ in range(3)]
+    assert statuses == [200, 200, 429]
+    _, _, body = call("POST", f"{_root(url)}/sim/config", {"rpm": 0})
+    status, headers, body = call("POST", f"{url}/chat/completions", _chat_n(5))
+    assert status == 200 and body["usage"]["completion_tokens"] == 5
+    assert "x-ratelimit-limit-requests" not in headers
+    assert headers["x-ratelimit-limit-tokens"] == "1000"
+    for bad in ({"latency_dist": "weird"}, {"rpm": 1.5}, {"max_running": -1}):
+        assert call("POST", f"{_root(url)}/sim/config", bad)[0] == 400
+
+
+def test_latency_distributions():
+    def sample(dist: str, n: int = 4000) -> list[float]:
+        state = _State(SimConfig(latency_ms=100, latency_dist=dist, seed=7))
+        return sorted(_delay_ms(state) for _ in range(n))
+
+    assert set(sample("fixed", 10)) == {100}
+    uniform = sample("uniform")
+    assert 0 <= uniform[0] < 5 and 195 < uniform[-1] <= 200
+    assert sum(uniform) / len(uniform) == pytest.approx(100, rel=0.05)
+    lognormal = sample("lognormal")
+    assert lognormal[len(lognormal) // 2] == pytest.approx(100, rel=0.05)  # the median
+    assert lognormal[-1] > 250  # sigma 0.5: a long right tail
+
+
+# ---------------------------------------------------------------- interactive load
+
+
+def test_interactive_generator(start_sim):
+    url = start_sim("--latency-ms", "20")
+    result = asyncio.run(run_interactive(url, rate=20, duration=1.0, seed=3, max_tokens=8))
+    assert result["sent"] > 5
+    assert result["ok"] == result["sent"] and result["errors"] == 0
+    assert 20 <= result["p50_ms"] <= result["p90_ms"] <= result["p99_ms"] < 2000
+    assert result["mean_ms"] >= 20
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "lowtide.sim.interactive", "--url", url, "--rate", "20"]
+        + ["--duration", "0.3", "--fixed-interval", "--max-tokens", "4"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+        check=True,
+    )
+    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert line["sent"] == 5 and line["ok"] == 5 and line["errors"] == 0
+    assert {"p50_ms", "p90_ms", "p99_ms", "mean_ms"} <= set(line)

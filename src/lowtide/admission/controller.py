@@ -56,18 +56,21 @@ class RouteController:
             minimum=route.min_concurrency,
             maximum=route.max_concurrency,
             adaptive=adaptive,
+            delay_based=route.shared,
         )
         self.rpm = TokenBucket(route.rpm) if route.rpm else None
         self.tpm = TokenBucket(route.tpm) if route.tpm else None
         self._learn_rpm = route.rpm is None
         self._learn_tpm = route.tpm is None
         self.in_flight = 0
+        self.in_flight_cost = 0
         self.paused_until = 0.0
         self._queues: dict[str, _BatchQueue] = {}
         self._waiting = 0
         self._vclock = 0.0  # virtual time of the last grant: new batches start here
         self._kick = asyncio.Event()
         self._pump_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
         # Labelled metric children, looked up once: this is on every request's path.
         self._m_in_flight = metrics.route_in_flight.labels(self.name)
         self._m_window = metrics.route_window.labels(self.name)
@@ -89,6 +92,7 @@ class RouteController:
 
     # -- asking for a permit -------------------------------------------------------------
     async def acquire(self, batch: str, weight: float, cost: int) -> Permit:
+        self._ensure_watch()
         permit = Permit(batch, cost)
         if not self._waiting and self._blocked_for(cost) == 0.0:
             self._grant(permit, self._queue(batch, weight))
@@ -137,8 +141,31 @@ class RouteController:
         queue.vtime += 1.0 / queue.weight
         self._vclock = queue.vtime
         self.in_flight += 1
+        self.in_flight_cost += permit.cost
         permit.started = now
         self._m_in_flight.set(self.in_flight)
+
+    def _ensure_watch(self) -> None:
+        if self.route.metrics_url and self._watch_task is None:
+            self._watch_task = asyncio.create_task(
+                self._watch_upstream_load(self.route.metrics_url)
+            )
+
+    async def _watch_upstream_load(self, url: str) -> None:
+        """Shared upstreams: while the server has requests waiting, batch load steps back."""
+        import aiohttp
+
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+            while True:
+                try:
+                    async with session.get(url) as resp:
+                        text = await resp.text()
+                    if _gauge_sum(text, "vllm:num_requests_waiting") > 0:
+                        self.window.on_overload(0.7)
+                        self._m_window.set(self.window.limit)
+                except (aiohttp.ClientError, TimeoutError, ValueError):
+                    pass
+                await asyncio.sleep(0.5)
 
     def _ensure_pump(self) -> None:
         if self._pump_task is None or self._pump_task.done():
@@ -190,9 +217,8 @@ class RouteController:
         """Return the permit. status None: no answer (timeout, connection); 0: cancelled."""
         now = time.monotonic()
         self.in_flight -= 1
+        self.in_flight_cost -= permit.cost
         self._m_in_flight.set(self.in_flight)
-        if headers:
-            self._learn(headers)
         if status == 0:  # cancelled or an engine bug: nothing learned
             pass
         elif status == 429:
@@ -207,11 +233,15 @@ class RouteController:
         elif status is None or status >= 500 or status == 408:
             self.window.on_overload()
         else:
-            self.window.on_success(now - permit.started, self.in_flight)
+            self.window.on_success(now - permit.started, self.in_flight, used_tokens or 0)
             if self.tpm is not None and used_tokens is not None:
                 self.tpm.give_back(permit.cost - used_tokens)
             if used_tokens:
                 self._m_tokens.inc(used_tokens)
+        if headers:
+            # Last: what the upstream says is left bounds whatever our own accounting believes
+            # (an upstream that charges max_tokens up front never refunds the difference).
+            self._learn(headers)
         self._m_window.set(self.window.limit)
         if self._waiting:
             self._kick.set()
@@ -232,10 +262,11 @@ class RouteController:
                 self.tpm = TokenBucket(info.limit_tokens)
                 log.info("route %s: learned a limit of %g tokens/min", self.name, info.limit_tokens)
             self.tpm.resize(info.limit_tokens)
+        # `remaining` was counted before our requests still in transit reached the upstream.
         if self.rpm is not None and info.remaining_requests is not None:
-            self.rpm.clamp(info.remaining_requests)
+            self.rpm.clamp(info.remaining_requests - self.in_flight)
         if self.tpm is not None and info.remaining_tokens is not None:
-            self.tpm.clamp(info.remaining_tokens)
+            self.tpm.clamp(info.remaining_tokens - self.in_flight_cost)
 
     def snapshot(self) -> dict[str, float]:
         return {
@@ -245,3 +276,12 @@ class RouteController:
             "rpm": self.rpm.per_minute if self.rpm else 0,
             "tpm": self.tpm.per_minute if self.tpm else 0,
         }
+
+
+def _gauge_sum(text: str, name: str) -> float:
+    """Sum a Prometheus gauge over its label sets (`name{...} value` lines)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
+            total += float(line.rsplit(" ", 1)[-1])
+    return total

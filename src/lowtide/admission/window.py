@@ -11,7 +11,14 @@ import time
 
 
 class ConcurrencyWindow:
-    def __init__(self, initial: int, minimum: int, maximum: int, adaptive: bool = True) -> None:
+    def __init__(
+        self,
+        initial: int,
+        minimum: int,
+        maximum: int,
+        adaptive: bool = True,
+        delay_based: bool = False,
+    ) -> None:
         self.minimum = max(1, minimum)
         self.maximum = max(self.minimum, maximum)
         self.size = float(min(self.maximum, max(self.minimum, initial if adaptive else maximum)))
@@ -19,15 +26,29 @@ class ConcurrencyWindow:
         self.slow_start = True
         self._last_cut = 0.0
         self.latency_ewma: float | None = None
+        # Delay-based mode (routes shared with interactive users): the best latency per token
+        # seen is the unloaded baseline; latency rising above it means we are crowding others.
+        self.delay_based = delay_based
+        self.baseline: float | None = None
+        self.tolerance = 1.2
 
     @property
     def limit(self) -> int:
         return int(self.size)
 
-    def on_success(self, latency: float, in_flight: int) -> None:
+    def on_success(self, latency: float, in_flight: int, tokens: int = 0) -> None:
         self.latency_ewma = (
             latency if self.latency_ewma is None else 0.9 * self.latency_ewma + 0.1 * latency
         )
+        if self.delay_based and self.adaptive and tokens > 0:
+            per_token = latency / tokens
+            if self.baseline is None or per_token < self.baseline:
+                self.baseline = per_token
+            else:
+                self.baseline *= 1.0005  # forget a stale best slowly
+            if per_token > self.baseline * self.tolerance:
+                self.on_overload(0.8)  # the upstream is slowing down: make room
+                return
         if not self.adaptive or in_flight + 1 < self.limit:
             return  # grow only when the window is actually the constraint
         step = 1.0 if self.slow_start else 1.0 / self.size
