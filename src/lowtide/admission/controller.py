@@ -79,6 +79,7 @@ class RouteController:
         self._m_retries = metrics.route_retries.labels(self.name)
         self._m_outcomes: dict[str, object] = {}
         self._m_window.set(self.window.limit)
+        self._last_log = (time.monotonic(), 0.0, 0.0, 0.0)
 
     def count(self, outcome: str) -> None:
         """One request answered (`outcome` is the status code, or the transient error's code)."""
@@ -267,6 +268,27 @@ class RouteController:
             self.rpm.clamp(info.remaining_requests - self.in_flight)
         if self.tpm is not None and info.remaining_tokens is not None:
             self.tpm.clamp(info.remaining_tokens - self.in_flight_cost)
+
+    def log_line(self) -> str | None:
+        """A summary since the last call, or None if the route was idle."""
+        now = time.monotonic()
+        tokens = self._m_tokens._value.get()  # type: ignore[attr-defined]
+        limited = self._m_limited._value.get()  # type: ignore[attr-defined]
+        retries = self._m_retries._value.get()  # type: ignore[attr-defined]
+        last_t, last_tokens, last_limited, last_retries = self._last_log
+        self._last_log = (now, tokens, limited, retries)
+        if not (
+            self.in_flight or self._waiting or tokens != last_tokens or retries != last_retries
+        ):
+            return None
+        rate = (tokens - last_tokens) / max(now - last_t, 1e-3)
+        return (
+            f"route {self.name}: in_flight={self.in_flight} window={self.window.limit} "
+            f"waiting={self._waiting} tokens/s={rate:.0f} 429s={limited - last_limited:.0f} "
+            f"retries={retries - last_retries:.0f}"
+            + (f" rpm={self.rpm.per_minute:g}" if self.rpm else "")
+            + (f" tpm={self.tpm.per_minute:g}" if self.tpm else "")
+        )
 
     def snapshot(self) -> dict[str, float]:
         return {

@@ -41,6 +41,7 @@ class Worker:
         self._batch_tasks: set[asyncio.Task[None]] = set()
         self._last_sweep = 0.0
         self._last_expiry = 0.0
+        self._last_route_log = time.time()
 
     def wake(self) -> None:
         self._wake.set()
@@ -106,6 +107,9 @@ class Worker:
                     self.db, self.id, time.time(), cfg.lease_seconds, free
                 ):
                     self._spawn_shard(claim)
+        if now - self._last_route_log >= 30:
+            self._last_route_log = now
+            self._log_routes()
         if now - self._last_sweep >= cfg.sweep_seconds:
             self._last_sweep = now
             await self._sweep(int(now))
@@ -259,6 +263,13 @@ class Worker:
                 len(shard_rows),
                 len(errors),
             )
+
+    def _log_routes(self) -> None:
+        """Every 30 s, one line per busy route: the same numbers /metrics exports."""
+        for controller in self.ctx.controllers.values():
+            line = controller.log_line()
+            if line:
+                log.info(line)
 
     # -- retention -----------------------------------------------------------------------
     async def _sweep(self, now: int) -> None:
