@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint format bench clean
+.PHONY: install run test test-postgres lint format bench clean
 
 # llama-cpp-python has no wheel for this platform: pip compiles it (8-12 min once; pip's wheel
 # cache makes later installs take seconds). The multimodal library is not needed, so skip it.
@@ -31,6 +31,11 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q
+
+## The integration suite again, every server on PostgreSQL (a fresh database each)
+TEST_DATABASE_URL ?= postgresql://postgres@127.0.0.1
+test-postgres: $(STAMP)
+	LOWTIDE_TEST_DATABASE_URL=$(TEST_DATABASE_URL) $(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

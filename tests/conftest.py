@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from support import LowtideServer, make_config, start_sim, stop_process
+from support import LowtideServer, drop_test_databases, make_config, start_sim, stop_process
 
 
 @pytest.fixture(scope="module")
@@ -38,3 +38,9 @@ def make_server(tmp_path):
     yield make
     for srv in servers:
         srv.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_databases():
+    yield
+    drop_test_databases()

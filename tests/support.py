@@ -82,7 +82,7 @@ class LowtideServer:
         self.proc: subprocess.Popen | None = None
         self.log_path = data_dir.parent / f"{data_dir.name}.log"
 
-    def start(self, timeout: float = 30.0) -> LowtideServer:
+    def start(self, timeout: float = 30.0, *extra: str) -> LowtideServer:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
             [
@@ -98,6 +98,7 @@ class LowtideServer:
                 str(self.config_path),
                 "--log-level",
                 "info",
+                *extra,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -133,6 +134,35 @@ class LowtideServer:
         return OpenAI(base_url=self.base_url, api_key=api_key, **options)
 
 
+# Set LOWTIDE_TEST_DATABASE_URL (e.g. postgresql://postgres@127.0.0.1) to run every server
+# on PostgreSQL instead of SQLite; each configuration gets a database of its own.
+TEST_DATABASE_URL = os.environ.get("LOWTIDE_TEST_DATABASE_URL", "").rstrip("/")
+CREATED_DATABASES: list[str] = []
+
+
+def _fresh_database() -> str:
+    import uuid
+
+    import psycopg
+
+    name = f"lowtide_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(f"{TEST_DATABASE_URL}/postgres", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    CREATED_DATABASES.append(name)
+    return f"{TEST_DATABASE_URL}/{name}"
+
+
+def drop_test_databases() -> None:
+    if not CREATED_DATABASES:
+        return
+    import psycopg
+
+    with psycopg.connect(f"{TEST_DATABASE_URL}/postgres", autocommit=True) as conn:
+        for name in CREATED_DATABASES:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    CREATED_DATABASES.clear()
+
+
 def make_config(sim_url: str | None = None, extra: str = "", *, models: str | None = None) -> str:
     """A configuration tuned for fast tests: short leases, fast polling, small segments."""
     if models is None:
@@ -152,7 +182,8 @@ max_retries = 8
 name = "lowtide-echo"
 engine = "echo"
 """
-    return f"""{models}
+    database = f'database_url = "{_fresh_database()}"\n' if TEST_DATABASE_URL else ""
+    return f"""{database}{models}
 [worker]
 lease_seconds = 3
 poll_seconds = 0.1
@@ -194,3 +225,25 @@ def jsonl(lines: list[dict]) -> bytes:
     import json
 
     return "".join(json.dumps(line) + "\n" for line in lines).encode()
+
+
+def start_worker(server: LowtideServer) -> subprocess.Popen:
+    """A `lowtide worker` process on the server's data folder and configuration."""
+    log = open(server.log_path, "ab")  # noqa: SIM115 - handed to the child
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lowtide.cli",
+            "worker",
+            "--data-dir",
+            str(server.data_dir),
+            "--config",
+            str(server.config_path),
+            "--log-level",
+            "info",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=_env(),
+    )

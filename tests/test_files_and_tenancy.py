@@ -194,12 +194,12 @@ def test_hostile_inputs_get_4xx_not_500(server, client):
 
 def test_unicode_filenames_download_and_unknown_cursor(client):
     f = client.files.create(
-        file=('日本 report.jsonl', io.BytesIO(jsonl([chat_line("u", "v")]))), purpose="batch"
+        file=("日本 report.jsonl", io.BytesIO(jsonl([chat_line("u", "v")]))), purpose="batch"
     )
     raw = client.files.with_raw_response.content(f.id)
     assert "filename*=UTF-8''" in raw.headers["content-disposition"]
     assert client.files.content(f.id).content == jsonl([chat_line("u", "v")])
-    assert client.files.retrieve(f.id).filename == '日本 report.jsonl'
+    assert client.files.retrieve(f.id).filename == "日本 report.jsonl"
     page = client.files.list(after="file-doesnotexist", limit=5)
     assert page.data == [] and not page.has_more
     assert client.batches.list(after="batch_doesnotexist").data == []

@@ -107,6 +107,37 @@ def serve(
     server.run()
 
 
+@app.command()
+def worker(
+    data_dir: Annotated[
+        Path, typer.Option(help="data folder (blobs; and SQLite unless a database URL is set)")
+    ] = Path("./lowtide-data"),
+    config: ConfigOpt = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+) -> None:
+    """Run only workers (no HTTP API), against the same database and blobs as the API servers."""
+    _setup_logging(log_level)
+    _run_async(_run_worker(_load(config), data_dir))
+
+
+async def _run_worker(cfg: Config, data_dir: Path) -> None:
+    import signal
+
+    from lowtide.runtime import Runtime
+
+    runtime = Runtime(cfg, data_dir)
+    await runtime.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    err.print(
+        f"worker {runtime.worker.id if runtime.worker else '?'} running; SIGTERM hands work back and exits"
+    )
+    await stop.wait()
+    await runtime.stop()
+
+
 @db_app.command("upgrade")
 def db_upgrade(
     data_dir: Annotated[
@@ -119,7 +150,7 @@ def db_upgrade(
 
     cfg = _load(config)
     data_dir.mkdir(parents=True, exist_ok=True)
-    Database(cfg.database_url or sqlite_url(data_dir)).upgrade()
+    Database(cfg.resolved_database_url() or sqlite_url(data_dir)).upgrade()
     err.print("database is up to date")
 
 

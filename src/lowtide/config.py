@@ -141,6 +141,10 @@ class Config(_Strict):
         description="serve the bundled models too; a configured route of the same name replaces one",
     )
 
+    def resolved_database_url(self) -> str | None:
+        """The configuration's database_url, else LOWTIDE_DATABASE_URL, else None (SQLite)."""
+        return self.database_url or os.environ.get("LOWTIDE_DATABASE_URL") or None
+
     def routes(self) -> list[ModelRoute]:
         """Configured routes plus the built-in ones they do not replace."""
         if not self.include_default_models:

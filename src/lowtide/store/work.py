@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, case, delete, exists, func, insert, or_, select, update
+from sqlalchemy import and_, case, delete, exists, func, insert, or_, select, tuple_, update
 
 from lowtide.store.database import Database
 from lowtide.store.schema import batches, segments, shards
@@ -271,6 +271,17 @@ async def claim_shards(
     claims: list[ShardClaim] = []
     async with db.write() as conn:
         candidates = [dict(r._mapping) for r in (await conn.execute(query)).all()]
+        if candidates and not db.is_sqlite:
+            # PostgreSQL: skip shards another worker is claiming right now instead of queueing
+            # behind its row locks (SQLite has one writer at a time anyway).
+            keys = [(r["batch_id"], r["idx"]) for r in candidates]
+            lock = (
+                select(shards.c.batch_id, shards.c.idx)
+                .where(tuple_(shards.c.batch_id, shards.c.idx).in_(keys))
+                .with_for_update(skip_locked=True)
+            )
+            free = {(r.batch_id, r.idx) for r in (await conn.execute(lock)).all()}
+            candidates = [r for r in candidates if (r["batch_id"], r["idx"]) in free]
         for row in candidates:
             if len(claims) >= limit:
                 break

@@ -1,0 +1,59 @@
+"""An API server with no workers, and separate worker processes that get killed and paused."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import time
+from collections import Counter
+
+from support import (
+    chat_line,
+    jsonl,
+    make_config,
+    sim_stats,
+    start_sim,
+    start_worker,
+    stop_process,
+    wait_for_batch,
+)
+
+
+def test_workers_killed_and_paused_lose_and_duplicate_nothing(make_server):
+    proc, url = start_sim("--latency-ms", "30")
+    workers = []
+    try:
+        config = make_config(url).replace("max_concurrency = 32", "max_concurrency = 8")
+        srv = make_server(config).start(30.0, "--no-workers")
+        client = srv.client()
+        workers = [start_worker(srv) for _ in range(2)]
+        lines = [chat_line(f"m-{i}", f"multi {i}") for i in range(1500)]
+        f = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+        batch = client.batches.create(
+            input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        deadline = time.monotonic() + 60
+        while (
+            client.batches.retrieve(batch.id).request_counts.completed < 200
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.05)
+        workers[0].kill()  # SIGKILL mid-shard
+        workers[1].send_signal(signal.SIGSTOP)  # paused past its lease (3 s in tests)
+        workers.append(start_worker(srv))
+        time.sleep(5)
+        workers[1].send_signal(signal.SIGCONT)  # wakes up holding stale leases: fenced out
+        final = wait_for_batch(client, batch.id, timeout=120)
+        assert final.status == "completed", srv.log()
+        out = [json.loads(x) for x in client.files.content(final.output_file_id).text.splitlines()]
+        counts = Counter(o["custom_id"] for o in out)
+        assert len(counts) == 1500 and max(counts.values()) == 1 and final.error_file_id is None
+        # Only requests in flight when a worker died or froze can have reached the upstream twice.
+        assert sim_stats(url)["max_per_body"] <= 3
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGCONT)
+                stop_process(worker)
+        stop_process(proc)
