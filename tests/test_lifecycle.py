@@ -190,3 +190,30 @@ def test_transient_faults_lose_no_line(make_server):
         assert stats["max_per_body"] <= 9  # 1 try + max_retries
     finally:
         stop_process(proc)
+
+
+def test_partial_results_while_running(make_server, slow_sim):
+    import httpx
+
+    srv = make_server(_slow_config(slow_sim)).start()
+    client = srv.client()
+    b = _create(client, 300, prefix="pr")
+    _wait_progress(client, b.id, 120)
+    url = f"{srv.base_url}/batches/{b.id}/results"
+    partial = [
+        json.loads(x)
+        for x in httpx.get(url, headers={"Authorization": "Bearer k"}).text.splitlines()
+    ]
+    ids = [line["custom_id"] for line in partial]
+    assert 50 <= len(ids) < 300 and len(set(ids)) == len(ids)
+    assert ids == sorted(ids, key=lambda c: int(c.split("-")[1]))  # input order
+    assert all(line["response"]["status_code"] == 200 for line in partial)
+    final = wait_for_batch(client, b.id)
+    done = httpx.get(url + "?type=output", headers={"Authorization": "Bearer k"}).text
+    assert done == client.files.content(final.output_file_id).text
+    assert (
+        httpx.get(
+            url.replace(b.id, "batch_nope"), headers={"Authorization": "Bearer k"}
+        ).status_code
+        == 404
+    )

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from lowtide.api.auth import project_of
@@ -15,10 +17,13 @@ from lowtide.api.responses import json_response
 from lowtide.config import parse_duration
 from lowtide.errors import ApiError
 from lowtide.ids import new_batch_id
+from lowtide.runner.results import ERROR_PREFIX, OK_PREFIX
 from lowtide.runner.validation import SUPPORTED_ENDPOINTS
 from lowtide.runtime import Runtime
 from lowtide.store import batches as batch_store
+from lowtide.store import work
 from lowtide.store.batches import PRIORITIES, TERMINAL
+from lowtide.store.files import get_file_any_project
 
 router = APIRouter()
 Project = Annotated[str, Depends(project_of)]
@@ -209,3 +214,56 @@ async def list_batches(
     rt = _runtime(request)
     rows, has_more = await batch_store.list_batches(rt.db, project, limit=limit, after=after)
     return json_response(list_page(await _render(rt, rows), has_more))
+
+
+@router.get(
+    "/v1/batches/{batch_id}/results",
+    summary="Stream the result lines committed so far (extension)",
+    response_class=StreamingResponse,
+)
+async def batch_results(
+    request: Request,
+    batch_id: str,
+    project: Project,
+    type: Literal["all", "output", "error"] = "all",
+):
+    """Results committed so far, in input order, in the output/error file line format.
+
+    While a batch runs this is every committed segment (committed lines are final: they never
+    change or repeat); once it has ended it is its output and/or error file.
+    """
+    rt = _runtime(request)
+    row = await batch_store.get_batch(rt.db, project, batch_id)
+    if row is None:
+        raise _not_found(batch_id)
+    wanted = {"all": (OK_PREFIX, ERROR_PREFIX), "output": (OK_PREFIX,), "error": (ERROR_PREFIX,)}[
+        type
+    ]
+    if row["status"] in TERMINAL:
+        ids = [row["output_file_id"] if p == OK_PREFIX else row["error_file_id"] for p in wanted]
+        chunks = _files_content(rt, [i for i in ids if i])
+    else:
+        chunks = _committed_lines(rt, batch_id, wanted)
+    return StreamingResponse(chunks, media_type="application/x-jsonl")
+
+
+async def _files_content(rt: Runtime, file_ids: list[str]) -> AsyncIterator[bytes]:
+    for file_id in file_ids:
+        row = await get_file_any_project(rt.db, file_id)
+        if row is not None:
+            async for chunk in rt.blobs.iter_chunks(row["blob_key"]):
+                yield chunk
+
+
+async def _committed_lines(
+    rt: Runtime, batch_id: str, wanted: tuple[bytes, ...]
+) -> AsyncIterator[bytes]:
+    for shard in await work.shards_of(rt.db, batch_id):
+        for segment in await work.segments_of(rt.db, batch_id, shard["idx"]):
+            try:
+                data = await rt.blobs.read(segment["blob_key"])
+            except FileNotFoundError:  # finalize published the files and removed segments
+                return
+            out = [line[1:] for line in data.split(b"\n") if line and line[:1] in wanted]
+            if out:
+                yield b"\n".join(out) + b"\n"
