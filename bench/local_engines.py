@@ -17,18 +17,17 @@ import asyncio
 import io
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 from openai import OpenAI
 
-from lowtide.config import ModelRoute
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from processes import start_lowtide, stop  # noqa: E402
+
+from lowtide.config import ModelRoute  # noqa: E402
 from lowtide.engines.bert import BertSentenceEncoder
 from lowtide.engines.llamacpp import LlamaCppEngine
 from lowtide.engines.model_files import minilm_folder, smollm2_gguf
@@ -84,40 +83,6 @@ def bench_ceiling(texts: list[str], tokens: int, cache: Path) -> float:
     return asyncio.run(run())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(data_dir: Path) -> tuple[subprocess.Popen, OpenAI]:
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "lowtide.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--data-dir",
-            str(data_dir),
-            "--log-level",
-            "warning",
-        ],
-    )
-    for _ in range(600):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        raise SystemExit("lowtide serve did not start")
-    return proc, OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bench", timeout=600)
-
-
 def _run_batch(client: OpenAI, lines: list[dict], endpoint: str) -> tuple[float, object]:
     raw = "".join(json.dumps(line) + "\n" for line in lines).encode()
     f = client.files.create(file=("bench.jsonl", io.BytesIO(raw)), purpose="batch")
@@ -149,7 +114,7 @@ def bench_lowtide(
         return {"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings", "body": body}
 
     with tempfile.TemporaryDirectory(prefix="lowtide-bench-") as tmp:
-        proc, client = _start_server(Path(tmp))
+        proc, client = start_lowtide(Path(tmp))
         try:
             cold, _ = _run_batch(
                 client, [chat(0, "Hello!")], "/v1/chat/completions"
@@ -164,8 +129,7 @@ def bench_lowtide(
             )
             return chat_rate, len(short_texts) / elapsed, cold
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
+            stop(proc)
 
 
 def bench_embeddings_direct(texts: list[str]) -> tuple[float, float]:

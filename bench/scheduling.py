@@ -16,9 +16,6 @@ import asyncio
 import io
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,69 +26,11 @@ from openai import OpenAI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cookbook_baseline import run_cookbook  # noqa: E402
+from processes import start_lowtide, start_sim, stop  # noqa: E402
 
 from lowtide.sim.interactive import run_interactive  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 RPM, TPM, LATENCY_MS = 3000, 400_000, 50
-
-
-# -- processes ----------------------------------------------------------------------------
-def start_sim(*flags: str) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lowtide.sim.upstream", "--port", "0", *flags],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    line = proc.stdout.readline()
-    if not line.startswith("READY "):
-        raise SystemExit(f"simulator failed to start: {line!r}")
-    return proc, line.split()[1]
-
-
-def start_lowtide(config: str, data_dir: Path) -> tuple[subprocess.Popen, OpenAI]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config_path = data_dir / "lowtide.toml"
-    config_path.write_text(config)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "lowtide.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--data-dir",
-            str(data_dir),
-            "--config",
-            str(config_path),
-            "--log-level",
-            "warning",
-        ],
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc, OpenAI(
-                    base_url=f"http://127.0.0.1:{port}/v1", api_key="bench", timeout=120
-                )
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("lowtide did not start")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def route(sim_url: str, extra: str = "") -> str:
@@ -170,7 +109,7 @@ def bench_limits(told: bool) -> list[tuple]:
     try:
         with tempfile.TemporaryDirectory(prefix="lowtide-bench-") as tmp:
             extra = f"rpm = {RPM}\ntpm = {TPM}" if told else ""
-            server, client = start_lowtide(route(url, extra), Path(tmp))
+            server, client = start_lowtide(Path(tmp), route(url, extra))
             try:
                 httpx.post(url.removesuffix("/v1") + "/sim/reset")
                 b, wall = run_batch(client, lines)
@@ -216,7 +155,7 @@ def bench_fairness(big_lines: int = 200_000, small: int = 20) -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="lowtide-bench-") as tmp:
             server, client = start_lowtide(
-                route(url).replace("max_concurrency = 256", "max_concurrency = 64"), Path(tmp)
+                Path(tmp), route(url).replace("max_concurrency = 256", "max_concurrency = 64")
             )
             try:
                 big, _ = run_batch(client, [chat(i, 10, 16) for i in range(big_lines)], wait=False)
@@ -277,7 +216,7 @@ def bench_interactive(duration: float = 20.0, rate: float = 4.0) -> None:
                     if mode == "shared"
                     else "adaptive = false"
                 )
-                server, client = start_lowtide(route(url, extra), Path(tmp))
+                server, client = start_lowtide(Path(tmp), route(url, extra))
                 try:
                     if mode != "alone":
                         run_batch(client, [chat(i, 10, 64) for i in range(20_000)], wait=False)

@@ -1,0 +1,64 @@
+"""Processes the benchmarks start: the simulated upstream and `lowtide serve`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from openai import OpenAI
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_sim(*flags: str) -> tuple[subprocess.Popen, str]:
+    """The simulated upstream on a free port; returns (process, base URL ending in /v1)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lowtide.sim.upstream", "--port", "0", *flags],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    line = proc.stdout.readline()
+    if not line.startswith("READY "):
+        proc.kill()
+        raise SystemExit(f"simulator failed to start: {line!r}")
+    return proc, line.split()[1]
+
+
+def start_lowtide(data_dir: Path, config: str | None = None) -> tuple[subprocess.Popen, OpenAI]:
+    """`lowtide serve` on a free port with its own data folder; returns (process, SDK client)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["--port", str(port), "--data-dir", str(data_dir), "--log-level", "warning"]
+    if config is not None:
+        path = data_dir / "lowtide.toml"
+        path.write_text(config)
+        args += ["--config", str(path)]
+    proc = subprocess.Popen([sys.executable, "-m", "lowtide.cli", "serve", *args])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc, OpenAI(
+                    base_url=f"http://127.0.0.1:{port}/v1", api_key="bench", timeout=600
+                )
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("lowtide serve did not start")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
