@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-postgres lint format bench clean
+.PHONY: install run test test-postgres test-scale lint format bench clean
 
 # llama-cpp-python has no wheel for this platform: pip compiles it (8-12 min once; pip's wheel
 # cache makes later installs take seconds). The multimodal library is not needed, so skip it.
@@ -36,6 +36,10 @@ test: $(STAMP)
 TEST_DATABASE_URL ?= postgresql://postgres@127.0.0.1
 test-postgres: $(STAMP)
 	LOWTIDE_TEST_DATABASE_URL=$(TEST_DATABASE_URL) $(BIN)/python -m pytest -q
+
+## The integration suite on PostgreSQL + an S3-compatible server (moto, started for the run)
+test-scale: $(STAMP)
+	LOWTIDE_TEST_DATABASE_URL=$(TEST_DATABASE_URL) $(BIN)/python tests/scale_env.py $(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

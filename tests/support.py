@@ -137,6 +137,8 @@ class LowtideServer:
 # Set LOWTIDE_TEST_DATABASE_URL (e.g. postgresql://postgres@127.0.0.1) to run every server
 # on PostgreSQL instead of SQLite; each configuration gets a database of its own.
 TEST_DATABASE_URL = os.environ.get("LOWTIDE_TEST_DATABASE_URL", "").rstrip("/")
+# Set LOWTIDE_TEST_STORAGE_URL (s3://bucket, with AWS_ENDPOINT_URL) to keep blobs in S3 instead.
+TEST_STORAGE_URL = os.environ.get("LOWTIDE_TEST_STORAGE_URL", "").rstrip("/")
 CREATED_DATABASES: list[str] = []
 
 
@@ -183,6 +185,10 @@ name = "lowtide-echo"
 engine = "echo"
 """
     database = f'database_url = "{_fresh_database()}"\n' if TEST_DATABASE_URL else ""
+    if TEST_STORAGE_URL:
+        import uuid
+
+        database += f'storage_url = "{TEST_STORAGE_URL}/{uuid.uuid4().hex[:12]}"\n'
     return f"""{database}{models}
 [worker]
 lease_seconds = 3
@@ -247,3 +253,14 @@ def start_worker(server: LowtideServer) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         env=_env(),
     )
+
+
+def blob_exists(server: LowtideServer, key: str) -> bool:
+    """Whether the server's blob store holds `key` (local folder or S3, as configured)."""
+    import asyncio
+    import tomllib
+
+    from lowtide.blobs import open_blob_store
+
+    url = tomllib.loads(server.config_path.read_text()).get("storage_url")
+    return asyncio.run(open_blob_store(str(server.data_dir), url).exists(key))

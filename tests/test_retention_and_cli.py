@@ -10,7 +10,7 @@ import time
 
 import pytest
 from openai import NotFoundError
-from support import _env, chat_line, jsonl, make_config, wait_for_batch
+from support import _env, blob_exists, chat_line, jsonl, make_config, wait_for_batch
 
 
 def test_expired_files_vanish_and_their_blobs_are_removed(make_server, sim_url):
@@ -24,12 +24,11 @@ def test_expired_files_vanish_and_their_blobs_are_removed(make_server, sim_url):
         file=("in.jsonl", io.BytesIO(jsonl([chat_line("a", "b")]))), purpose="batch"
     )
     assert f.expires_at - f.created_at == 2
-    blob = srv.data_dir / "blobs" / "files" / f.id
-    assert blob.exists()
+    assert blob_exists(srv, f"files/{f.id}")
     deadline = time.monotonic() + 15
-    while blob.exists() and time.monotonic() < deadline:
+    while blob_exists(srv, f"files/{f.id}") and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not blob.exists()
+    assert not blob_exists(srv, f"files/{f.id}")
     with pytest.raises(NotFoundError):
         client.files.retrieve(f.id)
     assert all(x.id != f.id for x in client.files.list())
@@ -54,7 +53,7 @@ def test_deleted_input_file_stays_readable_by_its_running_batch(make_server, sim
     if done.status == "completed":
         assert done.request_counts.completed == 200
     time.sleep(1)
-    assert not (srv.data_dir / "blobs" / "files" / f.id).exists()
+    assert not blob_exists(srv, f"files/{f.id}")
 
 
 def test_output_expires_after(client):

@@ -136,6 +136,11 @@ class Config(_Strict):
     batches: BatchLimits = Field(default_factory=BatchLimits)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     database_url: str | None = None
+    storage_url: str | None = Field(None, description="s3://bucket/prefix; default: DATA_DIR/blobs")
+    storage_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, Ceph...)"
+    )
+    storage_region: str | None = None
     include_default_models: bool = Field(
         True,
         description="serve the bundled models too; a configured route of the same name replaces one",
@@ -144,6 +149,10 @@ class Config(_Strict):
     def resolved_database_url(self) -> str | None:
         """The configuration's database_url, else LOWTIDE_DATABASE_URL, else None (SQLite)."""
         return self.database_url or os.environ.get("LOWTIDE_DATABASE_URL") or None
+
+    def resolved_storage_url(self) -> str | None:
+        """The configuration's storage_url, else LOWTIDE_STORAGE_URL, else None (local folder)."""
+        return self.storage_url or os.environ.get("LOWTIDE_STORAGE_URL") or None
 
     def routes(self) -> list[ModelRoute]:
         """Configured routes plus the built-in ones they do not replace."""

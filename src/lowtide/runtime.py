@@ -31,7 +31,12 @@ class Runtime:
     def __post_init__(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.db = Database(self.config.resolved_database_url() or sqlite_url(self.data_dir))
-        self.blobs = open_blob_store(str(self.data_dir))
+        self.blobs = open_blob_store(
+            str(self.data_dir),
+            self.config.resolved_storage_url(),
+            endpoint_url=self.config.storage_endpoint_url,
+            region=self.config.storage_region,
+        )
         self.router = Router(
             self.config.routes(), cache_dir=self.model_cache_dir or self.data_dir / "models"
         )
