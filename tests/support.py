@@ -264,3 +264,25 @@ def blob_exists(server: LowtideServer, key: str) -> bool:
 
     url = tomllib.loads(server.config_path.read_text()).get("storage_url")
     return asyncio.run(open_blob_store(str(server.data_dir), url).exists(key))
+
+
+def submit_batch(
+    client: OpenAI, lines: list[dict], endpoint: str = "/v1/chat/completions", metadata=None
+):
+    """Upload `lines` as a batch input file and create a 24h batch over it."""
+    import io
+
+    f = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+    return client.batches.create(
+        input_file_id=f.id, endpoint=endpoint, completion_window="24h", metadata=metadata
+    )
+
+
+def assert_output_exactly_once(client: OpenAI, batch, expected: int) -> None:
+    """Every custom_id in the output file exactly once, and no error file."""
+    import json
+    from collections import Counter
+
+    out = [json.loads(x) for x in client.files.content(batch.output_file_id).text.splitlines()]
+    counts = Counter(o["custom_id"] for o in out)
+    assert len(counts) == expected and max(counts.values()) == 1 and batch.error_file_id is None

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import io
-import json
 import signal
 import time
-from collections import Counter
 
 from support import (
+    assert_output_exactly_once,
     chat_line,
-    jsonl,
     make_config,
     sim_stats,
     start_sim,
     start_worker,
     stop_process,
+    submit_batch,
     wait_for_batch,
 )
 
@@ -29,10 +27,7 @@ def test_workers_killed_and_paused_lose_and_duplicate_nothing(make_server):
         client = srv.client()
         workers = [start_worker(srv) for _ in range(2)]
         lines = [chat_line(f"m-{i}", f"multi {i}") for i in range(1500)]
-        f = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
-        batch = client.batches.create(
-            input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
-        )
+        batch = submit_batch(client, lines)
         deadline = time.monotonic() + 60
         while (
             client.batches.retrieve(batch.id).request_counts.completed < 200
@@ -46,9 +41,7 @@ def test_workers_killed_and_paused_lose_and_duplicate_nothing(make_server):
         workers[1].send_signal(signal.SIGCONT)  # wakes up holding stale leases: fenced out
         final = wait_for_batch(client, batch.id, timeout=120)
         assert final.status == "completed", srv.log()
-        out = [json.loads(x) for x in client.files.content(final.output_file_id).text.splitlines()]
-        counts = Counter(o["custom_id"] for o in out)
-        assert len(counts) == 1500 and max(counts.values()) == 1 and final.error_file_id is None
+        assert_output_exactly_once(client, final, 1500)
         # Only requests in flight when a worker died or froze can have reached the upstream twice.
         assert sim_stats(url)["max_per_body"] <= 3
     finally:
@@ -72,10 +65,7 @@ def test_fault_storm_api_and_three_workers(make_server):
         client = srv.client()
         workers = [start_worker(srv) for _ in range(3)]
         lines = [chat_line(f"f-{i}", f"storm {i}") for i in range(20_000)]
-        f = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
-        batch = client.batches.create(
-            input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
-        )
+        batch = submit_batch(client, lines)
         api_killed = False
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
@@ -105,9 +95,7 @@ def test_fault_storm_api_and_three_workers(make_server):
             client = srv.client()
         final = wait_for_batch(client, batch.id, timeout=240)
         assert final.status == "completed", srv.log()
-        out = [json.loads(x) for x in client.files.content(final.output_file_id).text.splitlines()]
-        counts = Counter(o["custom_id"] for o in out)
-        assert len(counts) == 20_000 and max(counts.values()) == 1 and final.error_file_id is None
+        assert_output_exactly_once(client, final, 20_000)
         # Repeats come only from requests in flight at a kill or pause: far below the retry budget.
         assert sim_stats(url)["max_per_body"] <= 1 + 8
     finally:

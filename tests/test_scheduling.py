@@ -2,30 +2,22 @@
 
 from __future__ import annotations
 
-import io
-
 import httpx
 import pytest
 from openai import BadRequestError
 from support import (
     chat_line,
-    jsonl,
     make_config,
     sim_stats,
     start_sim,
     stop_process,
+    submit_batch,
     wait_for_batch,
 )
 
 
 def _create(client, lines, metadata=None):
-    f = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
-    return client.batches.create(
-        input_file_id=f.id,
-        endpoint="/v1/chat/completions",
-        completion_window="24h",
-        metadata=metadata,
-    )
+    return submit_batch(client, lines, metadata=metadata)
 
 
 @pytest.fixture
