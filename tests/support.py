@@ -255,15 +255,20 @@ def start_worker(server: LowtideServer) -> subprocess.Popen:
     )
 
 
-def blob_exists(server: LowtideServer, key: str) -> bool:
-    """Whether the server's blob store holds `key` (local folder or S3, as configured)."""
-    import asyncio
+def blob_store(server: LowtideServer):  # type: ignore[no-untyped-def]
+    """The server's blob store (local folder or S3, as configured), opened from the test."""
     import tomllib
 
     from lowtide.blobs import open_blob_store
 
     url = tomllib.loads(server.config_path.read_text()).get("storage_url")
-    return asyncio.run(open_blob_store(str(server.data_dir), url).exists(key))
+    return open_blob_store(str(server.data_dir), url)
+
+
+def blob_exists(server: LowtideServer, key: str) -> bool:
+    import asyncio
+
+    return asyncio.run(blob_store(server).exists(key))
 
 
 def submit_batch(

@@ -9,7 +9,7 @@ import time
 from collections import Counter
 
 import pytest
-from openai import ConflictError
+from openai import BadRequestError, ConflictError
 from support import (
     chat_line,
     jsonl,
@@ -112,6 +112,31 @@ def test_cancel_finished_batches_is_409(client):
     assert failed.status == "failed"
     with pytest.raises(ConflictError):
         client.batches.cancel(failed.id)
+
+
+def test_idempotency_key_makes_a_retried_create_safe(client):
+    """A client that retries a create after a lost response gets the first batch back."""
+    f = client.files.create(
+        file=("in.jsonl", io.BytesIO(jsonl([chat_line("i-0", "x")]))), purpose="batch"
+    )
+    key = {"Idempotency-Key": f"nightly-{time.time_ns()}"}
+    args = {
+        "input_file_id": f.id,
+        "endpoint": "/v1/chat/completions",
+        "completion_window": "24h",
+    }
+    first = client.batches.create(**args, extra_headers=key)
+    again = client.batches.create(**args, extra_headers=key)
+    assert again.id == first.id
+    assert client.batches.create(**args).id != first.id  # no key: a new batch each time
+    with pytest.raises(ConflictError) as info:
+        client.batches.create(**{**args, "completion_window": "48h"}, extra_headers=key)
+    assert info.value.code == "idempotency_key_reused" and first.id in info.value.message
+    with pytest.raises(BadRequestError):
+        client.batches.create(**args, extra_headers={"Idempotency-Key": "k" * 256})
+    done = wait_for_batch(client, first.id)
+    assert done.status == "completed"
+    assert client.batches.create(**args, extra_headers=key).status == "completed"
 
 
 def test_expiry_keeps_finished_lines(make_server, slow_sim):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import subprocess
@@ -10,7 +11,19 @@ import time
 
 import pytest
 from openai import NotFoundError
-from support import _env, blob_exists, chat_line, jsonl, make_config, wait_for_batch
+from support import (
+    _env,
+    assert_output_exactly_once,
+    blob_exists,
+    blob_store,
+    chat_line,
+    jsonl,
+    make_config,
+    start_sim,
+    stop_process,
+    submit_batch,
+    wait_for_batch,
+)
 
 
 def test_expired_files_vanish_and_their_blobs_are_removed(make_server, sim_url):
@@ -54,6 +67,43 @@ def test_deleted_input_file_stays_readable_by_its_running_batch(make_server, sim
         assert done.request_counts.completed == 200
     time.sleep(1)
     assert not blob_exists(srv, f"files/{f.id}")
+
+
+def test_sweeper_removes_what_crashed_processes_left_behind(make_server):
+    """Blobs a crash orphans go; committed segments of a running batch stay and it completes."""
+    sim, slow_url = start_sim("--latency-ms", "400")
+    try:
+        srv = make_server(
+            make_config(slow_url).replace(
+                "[worker]",
+                "[worker]\nsweep_seconds = 0.2\norphan_sweep_seconds = 0.3\norphan_grace_seconds = 1",
+            )
+        ).start()
+        client = srv.client()
+        finished = submit_batch(client, [chat_line("f0", "x"), chat_line("f1", "y")])
+        assert wait_for_batch(client, finished.id).status == "completed"
+        running = submit_batch(client, [chat_line(f"r{i}", "x") for i in range(800)])
+        wait_for_batch(client, running.id, statuses=("in_progress",))
+        store = blob_store(srv)
+        orphans = [
+            f"segments/{finished.id}/0000000-0000000-finalizer-died.jsonl",
+            f"segments/{running.id}/0000099-0000000-never-committed.jsonl",
+            "segments/batch_unknown/0000000-0000000-x.jsonl",
+            "files/file-never-recorded",
+        ]
+        for key in orphans:
+            asyncio.run(store.put(key, b"{}\n"))
+        deadline = time.monotonic() + 20
+        while any(blob_exists(srv, k) for k in orphans) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert [k for k in orphans if blob_exists(srv, k)] == []
+        assert client.batches.retrieve(running.id).status == "in_progress"
+        # The running batch's committed segments were kept: finalize reads every one of them.
+        assert wait_for_batch(client, running.id, timeout=60).status == "completed"
+        assert_output_exactly_once(client, client.batches.retrieve(running.id), 800)
+        assert "removed" in srv.log()
+    finally:
+        stop_process(sim)
 
 
 def test_output_expires_after(client):

@@ -14,6 +14,7 @@ from lowtide.config import BatchLimits, ModelRoute, parse_duration
 from lowtide.engines.base import EngineResponse
 from lowtide.engines.openai_http import parse_retry_after
 from lowtide.engines.router import Router
+from lowtide.runner.duplicates import DuplicateFinder
 from lowtide.runner.results import error_line, response_line, usage_of
 from lowtide.runner.retry import backoff_seconds, is_retryable_status
 from lowtide.runner.validation import FileValidator, confirm_duplicates, iter_request_lines
@@ -100,6 +101,30 @@ def test_duplicates_found_by_hash_then_named_by_line():
     assert asyncio.run(confirm_duplicates(chunks(), [(4, 2)])) == []
 
 
+@pytest.mark.parametrize("memory_entries", [1 << 18, 1000])
+def test_duplicate_finder_spills_to_disk_and_agrees_with_brute_force(tmp_path, memory_entries):
+    """Small ids repeat often; with 1000 entries in memory the finder spills 50 times."""
+    import random
+
+    rng = random.Random(7)
+    ids = [hash(f"id-{rng.randrange(40_000)}") for _ in range(50_000)]
+    finder = DuplicateFinder(memory_entries=memory_entries, spill_root=str(tmp_path))
+    for line, value in enumerate(ids, start=1):
+        finder.add(value, line)
+    first_seen: dict[int, int] = {}
+    expected = []
+    for line, value in enumerate(ids, start=1):
+        if value in first_seen:
+            expected.append((line, first_seen[value]))
+        else:
+            first_seen[value] = line
+    assert len(expected) > 5000
+    assert finder.repeats(100_000) == expected
+    assert finder.repeats(25) == expected[:25]
+    finder.close()
+    assert list(tmp_path.iterdir()) == []  # the spill folder is gone
+
+
 def test_error_cap_and_empty():
     result = _validate(b"{bad\n" * 50, max_errors_reported=10)
     assert len(result.errors) == 10 and result.error_count == 50
@@ -166,3 +191,27 @@ def test_router_exact_then_glob():
     assert router.route_for("gpt-5").name == "gpt-*"
     assert router.route_for("llama").name == "*"
     assert Router([ModelRoute(name="a", engine="echo")]).route_for("b") is None
+
+
+def test_local_blob_listing_and_dead_writes(tmp_path):
+    from lowtide.blobs.local import LocalBlobStore
+
+    store = LocalBlobStore(tmp_path)
+
+    async def scenario():
+        await store.put("segments/b2/0.jsonl", b"y")
+        await store.put("segments/b1/1.jsonl", b"x")
+        await store.put("files/f1", b"z")
+        assert [k async for k, _ in store.list_keys("segments/")] == [
+            "segments/b1/1.jsonl",
+            "segments/b2/0.jsonl",
+        ]
+        assert [k async for k, _ in store.list_keys("nothing-here/")] == []
+        dead = await store.writer("files/f2")
+        await dead.write(b"half")  # the process "dies" here: a temp file stays behind
+        assert await store.sweep_incomplete(3600) == 0
+        assert await store.sweep_incomplete(0) == 1
+        assert not await store.exists("files/f2")
+        assert [k async for k, _ in store.list_keys("files/")] == ["files/f1"]
+
+    asyncio.run(scenario())

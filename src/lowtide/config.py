@@ -125,6 +125,12 @@ class WorkerConfig(_Strict):
     segment_lines: int = Field(1000, ge=1)
     segment_seconds: float = Field(2.0, gt=0)
     sweep_seconds: float = Field(30.0, gt=0)
+    orphan_sweep_seconds: float = Field(
+        3600.0, gt=0, description="how often to look for blobs a crashed process left behind"
+    )
+    orphan_grace_seconds: float = Field(
+        3600.0, ge=0, description="an uncommitted segment blob younger than this is left alone"
+    )
     cancel_grace_seconds: float = Field(60.0, ge=0)
     retry_base_seconds: float = Field(0.5, gt=0)
     retry_max_seconds: float = Field(30.0, gt=0)

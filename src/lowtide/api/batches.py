@@ -128,9 +128,22 @@ def _check_metadata(metadata: dict[str, Any] | None) -> None:
             )
 
 
-@router.post("/v1/batches", summary="Create a batch")
+@router.post(
+    "/v1/batches",
+    summary="Create a batch",
+    description="Send an `Idempotency-Key` header to make retries safe: a create with a key this "
+    "project already used returns the batch the first one made instead of starting another.",
+)
 async def create_batch(request: Request, body: CreateBatch, project: Project):
     rt = _runtime(request)
+    idempotency_key = request.headers.get("idempotency-key")
+    if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
+        raise ApiError(
+            400,
+            "The Idempotency-Key header must be 1 to 255 characters long.",
+            param="Idempotency-Key",
+            code="invalid_value",
+        )
     if body.endpoint not in SUPPORTED_ENDPOINTS:
         allowed = ", ".join(f"'{e}'" for e in SUPPORTED_ENDPOINTS)
         raise ApiError(
@@ -170,8 +183,21 @@ async def create_batch(request: Request, body: CreateBatch, project: Project):
         metadata_json=orjson.dumps(body.metadata).decode() if body.metadata is not None else None,
         output_expires_seconds=output_ttl,
         priority=(body.metadata or {}).get("priority", "normal"),
+        idempotency_key=idempotency_key,
     )
-    await batch_store.insert_batch(rt.db, row)
+    earlier = await batch_store.insert_batch(rt.db, row)
+    if earlier is not None:
+        asked = (body.input_file_id, body.endpoint, body.completion_window)
+        if (earlier["input_file_id"], earlier["endpoint"], earlier["completion_window"]) != asked:
+            raise ApiError(
+                409,
+                f"Idempotency-Key {idempotency_key!r} was already used for batch {earlier['id']} "
+                "with different parameters; use a new key for a new batch.",
+                param="Idempotency-Key",
+                code="idempotency_key_reused",
+                headers={"x-should-retry": "false"},
+            )
+        return json_response((await _render(rt, [earlier]))[0])
     rt.wake_worker()
     full = await batch_store.get_batch(rt.db, project, row["id"])
     assert full is not None

@@ -52,6 +52,16 @@ class BlobStore(ABC):
     @abstractmethod
     async def exists(self, key: str) -> bool: ...
 
+    @abstractmethod
+    def list_keys(self, prefix: str) -> AsyncIterator[tuple[str, float]]:
+        """(key, last-modified unix time) of each committed blob under the folder `prefix`,
+        in key order. Streams: a listing of millions of keys is never held whole."""
+
+    @abstractmethod
+    async def sweep_incomplete(self, older_than_seconds: float) -> int:
+        """Drop the leftovers of writes that were never committed or aborted (the writer died):
+        temp files here, multipart uploads in S3. Returns how many went."""
+
     async def put(self, key: str, data: bytes) -> None:
         writer = await self.writer(key)
         async with writer:

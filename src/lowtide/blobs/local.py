@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -72,10 +73,22 @@ class LocalBlobStore(BlobStore):
     async def exists(self, key: str) -> bool:
         return self._path(key).exists()
 
-    def sweep_temp(self, older_than_seconds: float) -> int:
-        """Remove temp files left by a process that died mid-write."""
-        import time
+    async def list_keys(self, prefix: str) -> AsyncIterator[tuple[str, float]]:
+        base = self._path(prefix.rstrip("/"))
+        if not base.is_dir():
+            return
+        for folder, dirs, names in os.walk(base):
+            dirs.sort()
+            here = Path(folder)
+            for name in sorted(names):
+                path = here / name
+                try:
+                    mtime = path.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                yield path.relative_to(self.root).as_posix(), mtime
 
+    async def sweep_incomplete(self, older_than_seconds: float) -> int:
         removed = 0
         cutoff = time.time() - older_than_seconds
         for entry in self._tmp.iterdir():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlparse
@@ -145,6 +146,48 @@ class S3BlobStore(BlobStore):
 
     async def delete(self, key: str) -> None:
         await asyncio.to_thread(self.client.delete_object, Bucket=self.bucket, Key=self._key(key))
+
+    async def list_keys(self, prefix: str) -> AsyncIterator[tuple[str, float]]:
+        strip = len(self._key(""))
+        token: dict[str, str] = {}
+        while True:
+            page = await asyncio.to_thread(
+                self.client.list_objects_v2, Bucket=self.bucket, Prefix=self._key(prefix), **token
+            )
+            for item in page.get("Contents", []):
+                yield item["Key"][strip:], item["LastModified"].timestamp()
+            if not page.get("IsTruncated"):
+                return
+            token = {"ContinuationToken": page["NextContinuationToken"]}
+
+    async def sweep_incomplete(self, older_than_seconds: float) -> int:
+        """Abort multipart uploads that a dead process started; S3 keeps (and bills) their parts
+        until then. A bucket lifecycle rule (AbortIncompleteMultipartUpload) does the same."""
+        cutoff = time.time() - older_than_seconds
+        aborted = 0
+        marker: dict[str, str] = {}
+        while True:
+            page = await asyncio.to_thread(
+                self.client.list_multipart_uploads,
+                Bucket=self.bucket,
+                Prefix=self._key(""),
+                **marker,
+            )
+            for upload in page.get("Uploads", []):
+                if upload["Initiated"].timestamp() < cutoff:
+                    await asyncio.to_thread(
+                        self.client.abort_multipart_upload,
+                        Bucket=self.bucket,
+                        Key=upload["Key"],
+                        UploadId=upload["UploadId"],
+                    )
+                    aborted += 1
+            if not page.get("IsTruncated"):
+                return aborted
+            marker = {
+                "KeyMarker": page["NextKeyMarker"],
+                "UploadIdMarker": page["NextUploadIdMarker"],
+            }
 
     async def exists(self, key: str) -> bool:
         try:

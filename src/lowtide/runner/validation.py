@@ -1,8 +1,8 @@
 """One streaming pass over an input file: check every line, and cut the shard plan as we go.
 
 Memory stays bounded: lines are checked as they stream past, and duplicate `custom_id`s are
-found from an array of 64-bit hashes (8 bytes a line), sorted once at the end. Only when that
-finds a repeated hash does a second pass read the file again to name the offending lines.
+found from their 64-bit hashes, spilled to disk past a fixed number (see duplicates.py). Only
+when a hash repeats does a second pass read the file again to name the offending lines.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import orjson
 
 from lowtide.config import BatchLimits
+from lowtide.runner.duplicates import DuplicateFinder
 
 SUPPORTED_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 _REQUIRED_INPUT = {
@@ -48,44 +48,6 @@ class ValidationResult:
     possible_duplicates: list[tuple[int, int]] = field(default_factory=list)
 
 
-class _HashLog:
-    """Append-only log of (custom_id hash, line number), in fixed-size numpy blocks: 12 bytes a line."""
-
-    _BLOCK = 1 << 16
-
-    def __init__(self) -> None:
-        self._blocks: list[tuple[np.ndarray, np.ndarray]] = []
-        self._hashes = np.empty(self._BLOCK, dtype=np.int64)
-        self._lines = np.empty(self._BLOCK, dtype=np.uint32)
-        self._fill = 0
-
-    def add(self, value: int, line: int) -> None:
-        self._hashes[self._fill] = value
-        self._lines[self._fill] = line
-        self._fill += 1
-        if self._fill == self._BLOCK:
-            self._blocks.append((self._hashes, self._lines))
-            self._hashes = np.empty(self._BLOCK, dtype=np.int64)
-            self._lines = np.empty(self._BLOCK, dtype=np.uint32)
-            self._fill = 0
-
-    def repeats(self, cap: int) -> list[tuple[int, int]]:
-        """Up to `cap` (line, earlier line) pairs whose hashes match, in line order."""
-        hashes = np.concatenate([*(b[0] for b in self._blocks), self._hashes[: self._fill]])
-        lines = np.concatenate([*(b[1] for b in self._blocks), self._lines[: self._fill]])
-        order = np.argsort(hashes, kind="stable")  # stable: earlier lines first within a hash
-        hashes, lines = hashes[order], lines[order]
-        del order
-        starts = np.ones(len(hashes), dtype=bool)
-        starts[1:] = hashes[1:] != hashes[:-1]
-        first_of_group = lines[np.maximum.accumulate(np.where(starts, np.arange(len(lines)), 0))]
-        repeated = ~starts
-        pairs = sorted(
-            zip(lines[repeated].tolist(), first_of_group[repeated].tolist(), strict=True)
-        )
-        return pairs[:cap]
-
-
 class FileValidator:
     def __init__(
         self,
@@ -107,7 +69,7 @@ class FileValidator:
         self.errors: list[dict[str, Any]] = []
         self.error_count = 0
         self.models: dict[str, None] = {}
-        self._hashes = _HashLog()
+        self._ids = DuplicateFinder()
         self._shards: list[dict[str, Any]] = []
         self._shard: dict[str, Any] | None = None
 
@@ -145,7 +107,10 @@ class FileValidator:
         self._close_shard()
         if self.total == 0 and self.error_count == 0:
             self._error("empty_batch", None, None, "The input file contains no requests.")
-        duplicates = self._hashes.repeats(self._limits.max_errors_reported) if self.total else []
+        try:
+            duplicates = self._ids.repeats(self._limits.max_errors_reported)
+        finally:
+            self._ids.close()
         return ValidationResult(
             total=self.total,
             shards=self._shards,
@@ -154,6 +119,10 @@ class FileValidator:
             models=list(self.models),
             possible_duplicates=duplicates,
         )
+
+    def close(self) -> None:
+        """Drop any spill files of a validation that stopped before finish()."""
+        self._ids.close()
 
     # -- one line ------------------------------------------------------------------------
     def _line(self, raw: bytes, start: int, end: int) -> None:
@@ -234,7 +203,7 @@ class FileValidator:
                 "invalid_request", line, "custom_id", "The 'custom_id' must be a non-empty string."
             )
             return
-        self._hashes.add(hash(custom_id), line)
+        self._ids.add(hash(custom_id), line)
         if obj["method"] != "POST":
             self._error(
                 "invalid_method",

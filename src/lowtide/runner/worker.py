@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable
 
@@ -15,12 +16,13 @@ from lowtide.blobs import BlobStore
 from lowtide.config import Config
 from lowtide.engines.router import Router
 from lowtide.ids import new_worker_id
+from lowtide.runner import sweeper
 from lowtide.runner.finalize import finalize_batch
 from lowtide.runner.shard_runner import RunnerContext, ShardRun
 from lowtide.runner.validation import FileValidator, confirm_duplicates
 from lowtide.store import work
 from lowtide.store.database import Database
-from lowtide.store.files import get_file_any_project, take_removable
+from lowtide.store.files import get_file_any_project
 
 log = logging.getLogger("lowtide.worker")
 
@@ -39,7 +41,13 @@ class Worker:
         self._stopping = False
         self._shards: dict[asyncio.Task[None], ShardRun] = {}
         self._batch_tasks: set[asyncio.Task[None]] = set()
+        self._task_failures: dict[str, int] = {}  # batch id -> validate/finalize failures in a row
         self._last_sweep = 0.0
+        # The first look for crash leftovers comes at a random point of the first interval, so
+        # workers started together do not all list the bucket at once.
+        self._last_leftover_sweep = time.time() - random.uniform(
+            0, config.worker.orphan_sweep_seconds
+        )
         self._last_expiry = 0.0
         self._last_route_log = time.time()
 
@@ -112,7 +120,7 @@ class Worker:
             self._log_routes()
         if now - self._last_sweep >= cfg.sweep_seconds:
             self._last_sweep = now
-            await self._sweep(int(now))
+            await self._sweep(now)
 
     # -- shards --------------------------------------------------------------------------
     def _spawn_shard(self, claim: work.ShardClaim) -> None:
@@ -165,8 +173,21 @@ class Worker:
             if not job_task.cancelled():
                 raise
         except Exception:
-            log.exception("%s of batch %s failed; retrying in 10 s", task.kind, task.batch["id"])
-            retry_at = time.time() + 10
+            # Back off 10 s, 20 s, ... up to 10 min: a store that is down for an hour is not
+            # hammered, and the batch carries on by itself once it is back.
+            batch_id = task.batch["id"]
+            failures = self._task_failures[batch_id] = self._task_failures.get(batch_id, 0) + 1
+            delay = min(600.0, 10.0 * 2 ** (failures - 1))
+            log.exception(
+                "%s of batch %s failed (%d in a row); retrying in %.0f s",
+                task.kind,
+                batch_id,
+                failures,
+                delay,
+            )
+            retry_at = time.time() + delay
+        else:
+            self._task_failures.pop(task.batch["id"], None)
         finally:
             renewer.cancel()
         # A no-op when the job already moved the batch on (that bumps nothing but clears the
@@ -229,10 +250,13 @@ class Worker:
             limits,
             self.router.served_models(),
         )
-        async for chunk in self.blobs.iter_chunks(source["blob_key"]):
-            validator.feed(chunk)
-            await asyncio.sleep(0)  # let the API answer between chunks
-        result = validator.finish()
+        try:
+            async for chunk in self.blobs.iter_chunks(source["blob_key"]):
+                validator.feed(chunk)
+                await asyncio.sleep(0)  # let the API answer between chunks
+            result = validator.finish()
+        finally:
+            validator.close()
         errors = list(result.errors)
         if result.possible_duplicates:
             errors += await confirm_duplicates(
@@ -272,12 +296,9 @@ class Worker:
                 log.info(line)
 
     # -- retention -----------------------------------------------------------------------
-    async def _sweep(self, now: int) -> None:
-        keys = await take_removable(self.db, now)
-        for key in keys:
-            await self.blobs.delete(key)
-        if keys:
-            log.info("removed %d expired or deleted files", len(keys))
-        sweep_temp = getattr(self.blobs, "sweep_temp", None)
-        if sweep_temp is not None:
-            sweep_temp(older_than_seconds=24 * 3600)
+    async def _sweep(self, now: float) -> None:
+        cfg = self.config.worker
+        await sweeper.sweep_files(self.db, self.blobs, int(now))
+        if now - self._last_leftover_sweep >= cfg.orphan_sweep_seconds:
+            self._last_leftover_sweep = now
+            await sweeper.sweep_leftovers(self.db, self.blobs, now, cfg.orphan_grace_seconds)

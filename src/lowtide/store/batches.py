@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import IntegrityError
 
 from lowtide.store.database import Database
 from lowtide.store.schema import batches, shards
@@ -33,6 +34,7 @@ def new_batch_row(
     metadata_json: str | None = None,
     output_expires_seconds: int | None = None,
     priority: str = "normal",
+    idempotency_key: str | None = None,
 ) -> dict[str, Any]:
     """A freshly created batch, waiting for a worker to validate it."""
     zeros = dict.fromkeys(("total", *_PROGRESS_COLUMNS, "lease_epoch"), 0)
@@ -48,13 +50,32 @@ def new_batch_row(
         "metadata": metadata_json,
         "output_expires_seconds": output_expires_seconds,
         "priority": priority,
+        "idempotency_key": idempotency_key,
         **zeros,
     }
 
 
-async def insert_batch(db: Database, row: dict[str, Any]) -> None:
-    async with db.write() as conn:
-        await conn.execute(insert(batches).values(**row))
+async def insert_batch(db: Database, row: dict[str, Any]) -> dict[str, Any] | None:
+    """Insert the row; if its idempotency key is already taken, return that batch instead."""
+    key = row.get("idempotency_key")
+    same_key = select(batches).where(
+        batches.c.project == row["project"], batches.c.idempotency_key == key
+    )
+    try:
+        async with db.write() as conn:
+            if key is not None and (existing := (await conn.execute(same_key)).first()):
+                return dict(existing._mapping)
+            await conn.execute(insert(batches).values(**row))
+    except IntegrityError:
+        if key is None:
+            raise
+        # Two creates with one key raced (PostgreSQL): the unique index let one through.
+        async with db.read() as conn:
+            existing = (await conn.execute(same_key)).first()
+        if existing is None:
+            raise
+        return dict(existing._mapping)
+    return None
 
 
 async def get_batch(db: Database, project: str, batch_id: str) -> dict[str, Any] | None:

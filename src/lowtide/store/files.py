@@ -105,3 +105,11 @@ async def get_file_any_project(db: Database, file_id: str) -> dict[str, Any] | N
     async with db.read() as conn:
         row = (await conn.execute(select(files).where(files.c.id == file_id))).first()
     return dict(row._mapping) if row else None
+
+
+async def known_blob_keys(db: Database, keys: list[str]) -> set[str]:
+    """Which of `keys` ("files/<file id>") a file row, deleted or not, still names."""
+    ids = [k.rsplit("/", 1)[-1] for k in keys]
+    async with db.read() as conn:
+        rows = await conn.execute(select(files.c.blob_key).where(files.c.id.in_(ids)))
+        return {r.blob_key for r in rows}

@@ -76,7 +76,10 @@ batches = Table(
     Column("lease_owner", String(64)),
     Column("lease_expires_at", Float),
     Column("lease_epoch", BigInteger, nullable=False, default=0),
+    # The client's Idempotency-Key header: a retried create returns the batch it made first.
+    Column("idempotency_key", String(255)),
     Index("ix_batches_project_seq", "project", "seq"),
+    Index("ux_batches_project_idempotency_key", "project", "idempotency_key", unique=True),
     Index("ix_batches_status", "status"),
 )
 

@@ -444,3 +444,21 @@ async def finish_batch(
             await insert_file(conn, row)
         await conn.execute(delete(segments).where(segments.c.batch_id == batch_id))
     return True
+
+
+async def batch_status(db: Database, batch_id: str) -> str | None:
+    async with db.read() as conn:
+        return (
+            await conn.execute(select(batches.c.status).where(batches.c.id == batch_id))
+        ).scalar()
+
+
+async def committed_segment_keys(db: Database, batch_id: str, keys: list[str]) -> set[str]:
+    """Which of `keys` (blobs under this batch's segment folder) a committed segment names."""
+    async with db.read() as conn:
+        rows = await conn.execute(
+            select(segments.c.blob_key).where(
+                segments.c.batch_id == batch_id, segments.c.blob_key.in_(keys)
+            )
+        )
+        return {r.blob_key for r in rows}
