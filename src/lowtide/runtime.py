@@ -54,7 +54,11 @@ class Runtime:
     async def stop(self) -> None:
         if self.worker is not None and self._worker_task is not None:
             await self.worker.stop(timeout=self.config.worker.cancel_grace_seconds)
-            self._worker_task.cancel()
+            # The loop ends by itself after its current tick; cancelling it mid-query would
+            # only interrupt a database round trip (and log a failed rollback).
+            _, pending = await asyncio.wait({self._worker_task}, timeout=10)
+            for task in pending:
+                task.cancel()
             await asyncio.gather(self._worker_task, return_exceptions=True)
         await self.router.close()
         await self.db.close()
