@@ -32,17 +32,20 @@ def start_sim(*flags: str) -> tuple[subprocess.Popen, str]:
     return proc, line.split()[1]
 
 
-def start_lowtide(data_dir: Path, config: str | None = None) -> tuple[subprocess.Popen, OpenAI]:
+def start_lowtide(
+    data_dir: Path, config: str | None = None, *extra: str
+) -> tuple[subprocess.Popen, OpenAI]:
     """`lowtide serve` on a free port with its own data folder; returns (process, SDK client)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args = ["--port", str(port), "--data-dir", str(data_dir), "--log-level", "warning"]
     if config is not None:
+        data_dir.mkdir(parents=True, exist_ok=True)
         path = data_dir / "lowtide.toml"
         path.write_text(config)
         args += ["--config", str(path)]
-    proc = subprocess.Popen([sys.executable, "-m", "lowtide.cli", "serve", *args])
+    proc = subprocess.Popen([sys.executable, "-m", "lowtide.cli", "serve", *args, *extra])
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -62,3 +65,26 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=90)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+def start_worker(data_dir: Path) -> subprocess.Popen:
+    """`lowtide worker` on the data folder and configuration a start_lowtide() call wrote."""
+    args = ["--data-dir", str(data_dir), "--log-level", "warning"]
+    config = data_dir / "lowtide.toml"
+    if config.exists():
+        args += ["--config", str(config)]
+    return subprocess.Popen([sys.executable, "-m", "lowtide.cli", "worker", *args])
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The process's peak resident memory since it started (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
