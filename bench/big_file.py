@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from processes import peak_rss_mib, start_lowtide, start_worker, stop  # noqa: E402
+from processes import start_lowtide, start_worker, stop  # noqa: E402
+from throughput import proc_kib  # noqa: E402
 from workers import fresh_database  # noqa: E402
 
 _TICKET = (
@@ -75,8 +76,8 @@ def run_once(lines: int, tmp: Path, database_url: str | None) -> dict:
             "upload_mb_s": size / 1e6 / upload_s,
             "validate_s": validate_s,
             "validate_mb_s": size / 1e6 / validate_s,
-            "api_mib": peak_rss_mib(api.pid),
-            "worker_mib": peak_rss_mib(worker.pid),
+            "api_mib": proc_kib(api.pid, "VmHWM") / 1024,
+            "worker_mib": proc_kib(worker.pid, "VmHWM") / 1024,
         }
     finally:
         stop(worker)

@@ -76,14 +76,6 @@ def start_worker(data_dir: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "lowtide.cli", "worker", *args])
 
 
-def peak_rss_mib(pid: int) -> float:
-    """The process's peak resident memory since it started (VmHWM)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmHWM for {pid}")
-
-
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time the process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

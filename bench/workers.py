@@ -25,13 +25,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from processes import (  # noqa: E402
     cpu_seconds,
-    peak_rss_mib,
     start_lowtide,
     start_sim,
     start_worker,
     stop,
 )
-from throughput import write_input  # noqa: E402
+from throughput import proc_kib, write_input  # noqa: E402
 
 
 def fresh_database(base_url: str | None) -> str:
@@ -75,8 +74,8 @@ def run_once(args: argparse.Namespace, workers: int, input_path: Path, sim_url: 
                 "lines_per_s": args.lines / seconds,
                 "api_cpu": cpu_seconds(api.pid) - cpu0[api.pid],
                 "worker_cpu": sum(cpu_seconds(p.pid) - cpu0[p.pid] for p in procs),
-                "api_mib": peak_rss_mib(api.pid),
-                "worker_mib": max(peak_rss_mib(p.pid) for p in procs),
+                "api_mib": proc_kib(api.pid, "VmHWM") / 1024,
+                "worker_mib": max(proc_kib(p.pid, "VmHWM") for p in procs) / 1024,
             }
         finally:
             for p in procs:

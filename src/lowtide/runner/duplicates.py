@@ -25,12 +25,10 @@ class DuplicateFinder:
         self._spill: tempfile.TemporaryDirectory[str] | None = None
         self._buffer = np.empty(memory_entries, dtype=_RECORD)
         self._fill = 0
-        self.entries = 0
 
     def add(self, value: int, line: int) -> None:
         self._buffer[self._fill] = (value, line)
         self._fill += 1
-        self.entries += 1
         if self._fill == self._memory_entries:
             self._flush()
 

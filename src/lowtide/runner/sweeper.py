@@ -13,6 +13,7 @@ process half-wrote stays in the blob store.
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator, Callable
 
 from lowtide.blobs import BlobStore
 from lowtide.store import work
@@ -39,52 +40,50 @@ async def sweep_files(db: Database, blobs: BlobStore, now: int) -> int:
 
 
 async def sweep_leftovers(db: Database, blobs: BlobStore, now: float, grace: float) -> int:
-    """Orphaned segment blobs older than `grace` seconds, and incomplete writes."""
+    """Orphaned blobs last written more than `grace` seconds ago, and incomplete writes."""
     removed = await blobs.sweep_incomplete(INCOMPLETE_WRITE_SECONDS)
-    batch_id: str | None = None
-    keys: list[str] = []
-    async for key, modified in blobs.list_keys("segments/"):
-        if modified > now - grace:
-            continue
-        owner = key.split("/")[1] if key.count("/") >= 2 else ""
-        if owner != batch_id or len(keys) >= _CHUNK:
-            removed += await _drop_unreferenced(db, blobs, batch_id, keys)
-            batch_id, keys = owner, []
-        keys.append(key)
-    removed += await _drop_unreferenced(db, blobs, batch_id, keys)
-    keys = []
-    async for key, modified in blobs.list_keys("files/"):
-        if modified <= now - grace:
-            keys.append(key)
-        if len(keys) >= _CHUNK:
-            removed += await _drop_unrecorded(db, blobs, keys)
-            keys = []
-    removed += await _drop_unrecorded(db, blobs, keys)
+    cutoff = now - grace
+    async for batch_id, keys in _old_keys(blobs, "segments/", cutoff, _batch_of):
+        removed += await _delete_except(blobs, keys, await _live_segments(db, batch_id, keys))
+    async for _, keys in _old_keys(blobs, "files/", cutoff, lambda key: ""):
+        removed += await _delete_except(blobs, keys, await known_blob_keys(db, keys))
     if removed:
         log.info("removed %d orphaned blobs and incomplete writes", removed)
     return removed
 
 
-async def _drop_unreferenced(
-    db: Database, blobs: BlobStore, batch_id: str | None, keys: list[str]
-) -> int:
-    if not keys:
-        return 0
-    status = await work.batch_status(db, batch_id) if batch_id else None
+def _batch_of(segment_key: str) -> str:
+    """segments/<batch id>/<name> -> the batch id ("" for a key of another shape)."""
+    parts = segment_key.split("/")
+    return parts[1] if len(parts) >= 3 else ""
+
+
+async def _old_keys(
+    blobs: BlobStore, prefix: str, cutoff: float, group_of: Callable[[str], str]
+) -> AsyncIterator[tuple[str, list[str]]]:
+    """Keys under `prefix` last written before `cutoff`, in chunks whose keys share a group."""
+    group, keys = "", []
+    async for key, modified in blobs.list_keys(prefix):
+        if modified > cutoff:
+            continue
+        if keys and (group_of(key) != group or len(keys) >= _CHUNK):
+            yield group, keys
+            keys = []
+        group = group_of(key)
+        keys.append(key)
+    if keys:
+        yield group, keys
+
+
+async def _live_segments(db: Database, batch_id: str, keys: list[str]) -> set[str]:
+    """The keys a committed segment of an unfinished batch names; nothing reads the others."""
+    status = await work.batch_status(db, batch_id)
     if status is None or status in TERMINAL:
-        keep: set[str] = set()  # nothing reads a finished batch's segments
-    else:
-        keep = await work.committed_segment_keys(db, batch_id, keys)  # type: ignore[arg-type]
-    doomed = [k for k in keys if k not in keep]
-    for key in doomed:
-        await blobs.delete(key)
-    return len(doomed)
+        return set()
+    return await work.committed_segment_keys(db, batch_id, keys)
 
 
-async def _drop_unrecorded(db: Database, blobs: BlobStore, keys: list[str]) -> int:
-    if not keys:
-        return 0
-    keep = await known_blob_keys(db, keys)
+async def _delete_except(blobs: BlobStore, keys: list[str], keep: set[str]) -> int:
     doomed = [k for k in keys if k not in keep]
     for key in doomed:
         await blobs.delete(key)
