@@ -1,4 +1,7 @@
-"""Processes the benchmarks start: the simulated upstream and `lowtide serve`."""
+"""Processes the benchmarks start: `lowtide serve` and `lowtide worker`.
+
+The simulated upstream is started with lowtide_sim.launch.start_simulator.
+"""
 
 from __future__ import annotations
 
@@ -14,22 +17,6 @@ import httpx
 from openai import OpenAI
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def start_sim(*flags: str) -> tuple[subprocess.Popen, str]:
-    """The simulated upstream on a free port; returns (process, base URL ending in /v1)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lowtide.sim.upstream", "--port", "0", *flags],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    line = proc.stdout.readline()
-    if not line.startswith("READY "):
-        proc.kill()
-        raise SystemExit(f"simulator failed to start: {line!r}")
-    return proc, line.split()[1]
 
 
 def start_lowtide(

@@ -21,14 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 from openai import OpenAI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cookbook_baseline import run_cookbook  # noqa: E402
-from processes import start_lowtide, start_sim, stop  # noqa: E402
+from processes import start_lowtide, stop  # noqa: E402
 
-from lowtide.sim.interactive import run_interactive  # noqa: E402
+from lowtide_sim.interactive import run_interactive  # noqa: E402
+from lowtide_sim.launch import start_simulator  # noqa: E402
 
 RPM, TPM, LATENCY_MS = 3000, 400_000, 50
 
@@ -77,10 +77,6 @@ def run_batch(client: OpenAI, lines: list[dict], metadata: dict | None = None, w
     return b, time.perf_counter() - started
 
 
-def sim_stats(url: str) -> dict:
-    return httpx.get(url.removesuffix("/v1") + "/sim/stats").json()
-
-
 # -- 1 and 2: limits ---------------------------------------------------------------------
 def limit_workload() -> list[dict]:
     # The first 600 requests are expensive (800 output tokens): the TPM limit binds for them;
@@ -105,25 +101,26 @@ def bench_limits(told: bool) -> list[tuple]:
     lines = limit_workload()
     best = theoretical_minimum(lines)
     rows = []
-    proc, url = start_sim("--rpm", str(RPM), "--tpm", str(TPM), "--latency-ms", str(LATENCY_MS))
-    try:
+    with start_simulator(
+        "--rpm", str(RPM), "--tpm", str(TPM), "--latency-ms", str(LATENCY_MS)
+    ) as sim:
         with tempfile.TemporaryDirectory(prefix="lowtide-bench-") as tmp:
             extra = f"rpm = {RPM}\ntpm = {TPM}" if told else ""
-            server, client = start_lowtide(Path(tmp), route(url, extra))
+            server, client = start_lowtide(Path(tmp), route(sim.url, extra))
             try:
-                httpx.post(url.removesuffix("/v1") + "/sim/reset")
+                sim.reset()
                 b, wall = run_batch(client, lines)
-                stats = sim_stats(url)
+                stats = sim.stats()
                 label = "lowtide, limits configured" if told else "lowtide, limits learned"
                 rows.append((label, wall, best, stats["rate_limited"], b.request_counts.completed))
             finally:
                 stop(server)
         if told:
-            httpx.post(url.removesuffix("/v1") + "/sim/reset")
+            sim.reset()
             result = asyncio.run(
                 run_cookbook(
                     [{"custom_id": ln["custom_id"], "body": ln["body"]} for ln in lines],
-                    url + "/chat/completions",
+                    sim.url + "/chat/completions",
                     "bench",
                     rpm=RPM,
                     tpm=TPM,
@@ -134,12 +131,10 @@ def bench_limits(told: bool) -> list[tuple]:
                     "cookbook runner (static buckets, 15 s pause)",
                     result["wall_s"],
                     best,
-                    sim_stats(url)["rate_limited"],
+                    sim.stats()["rate_limited"],
                     result["succeeded"],
                 )
             )
-    finally:
-        stop(proc)
     return rows
 
 
@@ -151,7 +146,8 @@ def print_limits(rows: list[tuple]) -> None:
 
 # -- 3: fairness -------------------------------------------------------------------------
 def bench_fairness(big_lines: int = 200_000, small: int = 20) -> None:
-    proc, url = start_sim("--latency-ms", "100")
+    sim = start_simulator("--latency-ms", "100")
+    url = sim.url
     try:
         with tempfile.TemporaryDirectory(prefix="lowtide-bench-") as tmp:
             server, client = start_lowtide(
@@ -178,7 +174,7 @@ def bench_fairness(big_lines: int = 200_000, small: int = 20) -> None:
             finally:
                 stop(server)
     finally:
-        stop(proc)
+        sim.stop()
     values = sorted(times.values())
     print(
         f"\n{small} batches of 50 lines created behind a {big_lines:,}-line batch (upstream: 100 ms, 64 in flight)"
@@ -207,12 +203,12 @@ def bench_interactive(duration: float = 20.0, rate: float = 4.0) -> None:
     ]
     rows = []
     for mode in ("alone", "shared", "unshared"):
-        proc, url = start_sim(*flags)
+        sim = start_simulator(*flags)
+        url = sim.url
         try:
             with tempfile.TemporaryDirectory(prefix="lowtide-bench-") as tmp:
-                root = url.removesuffix("/v1")
                 extra = (
-                    f'shared = true\nmetrics_url = "{root}/metrics"\nbatch_priority = 10'
+                    f'shared = true\nmetrics_url = "{sim.root}/metrics"\nbatch_priority = 10'
                     if mode == "shared"
                     else "adaptive = false"
                 )
@@ -221,7 +217,7 @@ def bench_interactive(duration: float = 20.0, rate: float = 4.0) -> None:
                     if mode != "alone":
                         run_batch(client, [chat(i, 10, 64) for i in range(20_000)], wait=False)
                         time.sleep(8)  # let the batch reach its steady state
-                    before = sim_stats(url)["completion_tokens_total"]
+                    before = sim.stats()["completion_tokens_total"]
                     started = time.perf_counter()
                     result = asyncio.run(
                         run_interactive(
@@ -229,7 +225,7 @@ def bench_interactive(duration: float = 20.0, rate: float = 4.0) -> None:
                         )
                     )
                     elapsed = time.perf_counter() - started
-                    total = sim_stats(url)["completion_tokens_total"] - before
+                    total = sim.stats()["completion_tokens_total"] - before
                     batch_rate = max(0.0, total - result["ok"] * 32) / elapsed
                     rows.append(
                         (mode, result["p50_ms"], result["p99_ms"], result["ok"], batch_rate)
@@ -237,7 +233,7 @@ def bench_interactive(duration: float = 20.0, rate: float = 4.0) -> None:
                 finally:
                     stop(server)
         finally:
-            stop(proc)
+            sim.stop()
     idle = CAPACITY - rate * 32
     print(
         f"\nupstream capacity {CAPACITY} tok/s ({PER_REQUEST} tok/s per request); interactive: {rate}/s x 32 tokens"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
 import shutil
 import signal
 import socket
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import httpx
 from openai import OpenAI
+
+from lowtide_sim.launch import SimulatorError, start_simulator
 
 BATCH_TIMEOUT = 600.0  # seconds allowed per batch before we give up
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
@@ -74,26 +75,6 @@ def write_input(path: Path, lines: int, model: str) -> None:
             }
             req = {"custom_id": f"req-{i:08d}", "method": "POST", "url": "/v1/chat/completions"}
             fh.write(json.dumps({**req, "body": body}, separators=(",", ":")) + "\n")
-
-
-def start_sim(timeout: float = 15.0) -> tuple[subprocess.Popen, str]:
-    """Start the simulated upstream (0 ms latency); returns (process, base URL)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lowtide.sim.upstream", "--port", "0"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        if not select.select([proc.stdout], [], [], left)[0]:
-            break
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if line.startswith("READY "):
-            return proc, line.split()[1]
-    stop(proc)
-    raise BenchError(f"simulated upstream did not print READY within {timeout}s")
 
 
 def start_server(workdir: Path, config: str, timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
@@ -213,12 +194,13 @@ def bench_engine(engine: str, lines: int, repeats: int, tmp: Path) -> list[dict]
     """Run `repeats` fresh servers for one engine; the sim upstream is shared across repeats."""
     input_path = tmp / f"{engine}-{lines}.jsonl"
     write_input(input_path, lines, MODELS[engine])
-    sim, sim_url = start_sim() if engine == "sim" else (None, None)
+    sim = start_simulator() if engine == "sim" else None
+    sim_url = sim.url if sim is not None else None
     try:
         return [run_once(engine, input_path, lines, sim_url) for _ in range(repeats)]
     finally:
         if sim is not None:
-            stop(sim)
+            sim.stop()
         input_path.unlink(missing_ok=True)
 
 
@@ -253,7 +235,7 @@ def main() -> int:
             for n in counts:
                 r = bench_engine("echo", n, 1, tmp)[0]
                 print(f"{n:>10} {r['lps']:>10.0f} {r['peak_mib']:>9.1f}", flush=True)
-    except BenchError as e:
+    except (BenchError, SimulatorError) as e:
         print(f"\nBENCHMARK FAILED: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -23,14 +23,10 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from processes import (  # noqa: E402
-    cpu_seconds,
-    start_lowtide,
-    start_sim,
-    start_worker,
-    stop,
-)
+from processes import cpu_seconds, start_lowtide, start_worker, stop  # noqa: E402
 from throughput import proc_kib, write_input  # noqa: E402
+
+from lowtide_sim.launch import start_simulator  # noqa: E402
 
 
 def fresh_database(base_url: str | None) -> str:
@@ -93,7 +89,7 @@ def main() -> None:
     p.add_argument("--database-url", help="PostgreSQL server URL (no database name)")
     args = p.parse_args()
     counts = [int(n) for n in args.workers.split(",")]
-    sim, sim_url = start_sim("--latency-ms", str(args.latency_ms))
+    sim = start_simulator("--latency-ms", str(args.latency_ms))
     print(
         f"{os.cpu_count()} CPUs; {args.lines} lines; upstream latency {args.latency_ms:g} ms; "
         f"{args.concurrency} in flight per worker; "
@@ -111,9 +107,9 @@ def main() -> None:
             for n in counts:
                 runs = []
                 for _ in range(args.repeats):
-                    sim0 = cpu_seconds(sim.pid)
-                    run = run_once(args, n, input_path, sim_url)
-                    run["sim_cpu"] = cpu_seconds(sim.pid) - sim0
+                    sim0 = cpu_seconds(sim.process.pid)
+                    run = run_once(args, n, input_path, sim.url)
+                    run["sim_cpu"] = cpu_seconds(sim.process.pid) - sim0
                     runs.append(run)
                 med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
                 base = base or med["lines_per_s"]
@@ -125,7 +121,7 @@ def main() -> None:
                     flush=True,
                 )
     finally:
-        stop(sim)
+        sim.stop()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import httpx
 from openai import OpenAI
+
+from lowtide_sim.launch import read_stats, start_simulator
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
@@ -31,25 +32,9 @@ def free_port() -> int:
 
 
 def start_sim(*flags: str, timeout: float = 15.0) -> tuple[subprocess.Popen, str]:
-    """Start the simulated upstream; returns (process, base URL ending in /v1)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lowtide.sim.upstream", "--port", "0", *flags],
-        stdout=subprocess.PIPE,
-        env=_env(),
-        text=True,
-    )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], deadline - time.monotonic())
-        if not ready:
-            break
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if line.startswith("READY "):
-            return proc, line.split()[1]
-    stop_process(proc)
-    raise RuntimeError(f"simulator did not print READY (exit code {proc.poll()})")
+    """The simulated upstream; returns (process, base URL ending in /v1)."""
+    sim = start_simulator(*flags, timeout=timeout)
+    return sim.process, sim.url
 
 
 def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
@@ -63,11 +48,7 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: flo
 
 
 def sim_stats(sim_url: str) -> dict:
-    return httpx.get(sim_url.removesuffix("/v1") + "/sim/stats").json()
-
-
-def sim_config(sim_url: str, **changes: object) -> None:
-    httpx.post(sim_url.removesuffix("/v1") + "/sim/config", json=changes).raise_for_status()
+    return read_stats(sim_url)
 
 
 class LowtideServer:

@@ -5,15 +5,9 @@ from __future__ import annotations
 import httpx
 import pytest
 from openai import BadRequestError
-from support import (
-    chat_line,
-    make_config,
-    sim_stats,
-    start_sim,
-    stop_process,
-    submit_batch,
-    wait_for_batch,
-)
+from support import chat_line, make_config, submit_batch, wait_for_batch
+
+from lowtide_sim.launch import start_simulator
 
 
 def _create(client, lines, metadata=None):
@@ -22,9 +16,8 @@ def _create(client, lines, metadata=None):
 
 @pytest.fixture
 def slow_sim():
-    proc, url = start_sim("--latency-ms", "50")
-    yield url
-    stop_process(proc)
+    with start_simulator("--latency-ms", "50") as sim:
+        yield sim.url
 
 
 def test_small_batch_finishes_while_big_one_runs(make_server, slow_sim):
@@ -60,9 +53,8 @@ def test_priority_must_be_known(client):
 
 
 def test_limits_learned_from_headers_keep_429s_rare(make_server):
-    proc, url = start_sim("--rpm", "120", "--latency-ms", "20")
-    try:
-        srv = make_server(make_config(url)).start()
+    with start_simulator("--rpm", "120", "--latency-ms", "20") as sim:
+        srv = make_server(make_config(sim.url)).start()
         client = srv.client()
         done = wait_for_batch(
             client,
@@ -72,6 +64,4 @@ def test_limits_learned_from_headers_keep_429s_rare(make_server):
         assert done.status == "completed" and done.request_counts.completed == 150
         # 120 fit the upstream's bucket at once; the other 30 wait for its refill, 2 a second.
         # Retry-After and the learned limit keep the 429s to a handful (not one per request).
-        assert sim_stats(url)["rate_limited"] <= 10
-    finally:
-        stop_process(proc)
+        assert sim.stats()["rate_limited"] <= 10

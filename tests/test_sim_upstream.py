@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -14,45 +15,37 @@ from typing import Any
 
 import aiohttp
 import pytest
-import support
 
 from lowtide.admission.headers import parse_reset
-from lowtide.sim.interactive import run_interactive
-from lowtide.sim.upstream import SimConfig, _delay_ms, _State, format_duration
+from lowtide_sim.config import SimConfig
+from lowtide_sim.faults import delay_ms
+from lowtide_sim.interactive import run_interactive
+from lowtide_sim.launch import Simulator, start_simulator
+from lowtide_sim.limits import format_duration
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 CHAT = {"model": "sim-model", "messages": [{"role": "user", "content": "hello there"}]}
 
 
-def _start(*flags: str) -> tuple[subprocess.Popen, str]:
-    return support.start_sim(*flags)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    support.stop_process(proc)
-
-
 @pytest.fixture
 def start_sim():
-    """Factory: ``start_sim("--rate-429", "1")`` -> base URL; killed at teardown."""
-    procs: list[subprocess.Popen] = []
+    """Factory: ``start_sim("--rate-429", "1")`` -> base URL; stopped at teardown."""
+    sims: list[Simulator] = []
 
     def start(*flags: str) -> str:
-        proc, url = _start(*flags)
-        procs.append(proc)
-        return url
+        sims.append(start_simulator(*flags))
+        return sims[-1].url
 
     yield start
-    for proc in procs:
-        _stop(proc)
+    for sim in sims:
+        sim.stop()
 
 
 @pytest.fixture(scope="module")
 def sim_url():
     """One default simulator shared by tests that don't care about flags."""
-    proc, url = _start()
-    yield url
-    _stop(proc)
+    with start_simulator() as sim:
+        yield sim.url
 
 
 def _root(url: str) -> str:
@@ -445,8 +438,8 @@ def test_runtime_config_limits_and_capacity(start_sim):
 
 def test_latency_distributions():
     def sample(dist: str, n: int = 4000) -> list[float]:
-        state = _State(SimConfig(latency_ms=100, latency_dist=dist, seed=7))
-        return sorted(_delay_ms(state) for _ in range(n))
+        cfg, rng = SimConfig(latency_ms=100, latency_dist=dist), random.Random(7)
+        return sorted(delay_ms(cfg, rng) for _ in range(n))
 
     assert set(sample("fixed", 10)) == {100}
     uniform = sample("uniform")
@@ -469,7 +462,7 @@ def test_interactive_generator(start_sim):
     assert result["mean_ms"] >= 20
 
     proc = subprocess.run(
-        [sys.executable, "-m", "lowtide.sim.interactive", "--url", url, "--rate", "20"]
+        [sys.executable, "-m", "lowtide_sim.interactive", "--url", url, "--rate", "20"]
         + ["--duration", "0.3", "--fixed-interval", "--max-tokens", "4"],
         capture_output=True,
         text=True,

@@ -6,7 +6,7 @@ Poisson by default, or evenly spaced with ``--fixed-interval``. Latency is
 measured per request from send to the fully read response body; percentiles
 and the mean cover successful (HTTP 200) requests only.
 
-    python -m lowtide.sim.interactive --url http://127.0.0.1:P/v1 --rate 5 --duration 20
+    python -m lowtide_sim.interactive --url http://127.0.0.1:P/v1 --rate 5 --duration 20
 
 prints one JSON line::
 
@@ -148,7 +148,7 @@ def _positive(text: str) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
-        prog="python -m lowtide.sim.interactive",
+        prog="python -m lowtide_sim.interactive",
         description="Open-loop interactive chat load; prints latency percentiles as JSON.",
     )
     p.add_argument("--url", required=True, help="base URL ending in /v1")

@@ -1,1 +1,0 @@
-"""Test and benchmark helpers that stand in for external services."""
