@@ -33,6 +33,7 @@ class ApiError(Exception):
 def error_envelope(
     message: str, type: str, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
+    """The one shape of an OpenAI error body, for the API and the engines alike."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 

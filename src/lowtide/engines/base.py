@@ -7,6 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from lowtide.errors import error_envelope
+from lowtide.ids import new_request_id
+
 
 @dataclass(slots=True)
 class EngineResponse:
@@ -17,6 +20,18 @@ class EngineResponse:
     request_id: str | None = None
     retry_after: float | None = None
     headers: Mapping[str, str] | None = None  # rate-limit headers, for admission to learn from
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    type: str = "invalid_request_error",
+) -> EngineResponse:
+    """An engine's own error, in the envelope lowtide.errors shapes for the whole API."""
+    return EngineResponse(status, error_envelope(message, type, param, code), new_request_id())
 
 
 class TransientEngineError(Exception):

@@ -8,7 +8,8 @@ import struct
 import time
 from typing import Any
 
-from lowtide.engines.base import Engine, EngineResponse
+from lowtide.engines.base import Engine, EngineResponse, error_response
+from lowtide.engines.completions import completion_body
 from lowtide.ids import new_request_id
 
 
@@ -38,36 +39,17 @@ class EchoEngine(Engine):
         if self._latency:
             await asyncio.sleep(self._latency)
         model = body.get("model", self.name)
-        created = int(time.time())
         if endpoint == "/v1/chat/completions":
             prompt = _text_of((body.get("messages") or [{}])[-1])
             answer = "echo: " + prompt
+            message = {"role": "assistant", "content": answer}
+            choices = [{"index": 0, "message": message, "finish_reason": "stop"}]
             p, c = _words(_text_of(body.get("messages"))), _words(answer)
-            out: dict[str, Any] = {
-                "id": "chatcmpl-" + new_request_id()[4:],
-                "object": "chat.completion",
-                "created": created,
-                "model": model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": answer},
-                        "finish_reason": "stop",
-                    }
-                ],
-                "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c},
-            }
+            out = completion_body(True, model, choices, p, c)
         elif endpoint == "/v1/completions":
             prompt = _text_of(body.get("prompt"))
-            p, c = _words(prompt), _words(prompt)
-            out = {
-                "id": "cmpl-" + new_request_id()[4:],
-                "object": "text_completion",
-                "created": created,
-                "model": model,
-                "choices": [{"index": 0, "text": prompt, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c},
-            }
+            choices = [{"index": 0, "text": prompt, "finish_reason": "stop"}]
+            out = completion_body(False, model, choices, _words(prompt), _words(prompt))
         elif endpoint == "/v1/embeddings":
             inputs = body.get("input")
             items = inputs if isinstance(inputs, list) else [inputs]
@@ -89,7 +71,7 @@ class EchoEngine(Engine):
             out = {
                 "id": "resp_" + new_request_id()[4:],
                 "object": "response",
-                "created_at": created,
+                "created_at": int(time.time()),
                 "model": model,
                 "status": "completed",
                 "output": [
@@ -102,15 +84,7 @@ class EchoEngine(Engine):
                 "usage": {"input_tokens": p, "output_tokens": c, "total_tokens": p + c},
             }
         else:
-            return EngineResponse(
-                404,
-                {
-                    "error": {
-                        "message": f"Unsupported endpoint {endpoint}",
-                        "type": "invalid_request_error",
-                    }
-                },
-            )
+            return error_response(404, f"Unsupported endpoint {endpoint}")
         return EngineResponse(200, out, new_request_id())
 
 

@@ -17,18 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from lowtide.engines.base import Engine, EngineResponse
+from lowtide.engines.base import Engine, EngineResponse, error_response
 from lowtide.engines.model_files import minilm_folder
 from lowtide.ids import new_request_id
 
 log = logging.getLogger("lowtide.embeddings")
-
-
-def _bad_request(message: str, param: str | None = "input") -> EngineResponse:
-    body = {
-        "error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}
-    }
-    return EngineResponse(400, body, new_request_id())
 
 
 @dataclass
@@ -83,27 +76,33 @@ class EmbeddingsEngine(Engine):
 
     async def execute(self, endpoint: str, body: dict[str, Any]) -> EngineResponse:
         if endpoint != "/v1/embeddings":
-            return _bad_request(
-                f"Model '{self.name}' serves /v1/embeddings only, not {endpoint}.", "url"
+            return error_response(
+                400, f"Model '{self.name}' serves /v1/embeddings only, not {endpoint}.", param="url"
             )
         raw = body.get("input")
         texts = [raw] if isinstance(raw, str) else raw
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-            return _bad_request(
-                "'input' must be a non-empty string or a non-empty array of strings."
+            return error_response(
+                400,
+                "'input' must be a non-empty string or a non-empty array of strings.",
+                param="input",
             )
         if any(not t for t in texts):
-            return _bad_request("'input' cannot contain empty strings.")
+            return error_response(400, "'input' cannot contain empty strings.", param="input")
         fmt = body.get("encoding_format", "float")
         if fmt not in ("float", "base64"):
-            return _bad_request("'encoding_format' must be 'float' or 'base64'.", "encoding_format")
+            return error_response(
+                400, "'encoding_format' must be 'float' or 'base64'.", param="encoding_format"
+            )
         await self.start()
         if self._load_error:
             raise RuntimeError(self._load_error)
         dims = body.get("dimensions")
         if dims is not None and dims != self._encoder.dim:
-            return _bad_request(
-                f"Model '{self.name}' produces {self._encoder.dim} dimensions only.", "dimensions"
+            return error_response(
+                400,
+                f"Model '{self.name}' produces {self._encoder.dim} dimensions only.",
+                param="dimensions",
             )
         ids = self._encoder.tokenize(texts)
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()

@@ -10,7 +10,7 @@ import aiohttp
 import orjson
 
 from lowtide.config import ModelRoute
-from lowtide.engines.base import Engine, EngineResponse, TransientEngineError
+from lowtide.engines.base import Engine, EngineResponse, TransientEngineError, error_response
 
 
 def parse_retry_after(headers: Any) -> float | None:
@@ -95,14 +95,8 @@ class OpenAIHttpEngine(Engine):
             status = 502
         if not isinstance(parsed, dict | list):
             text = raw[:2000].decode("utf-8", "replace")
-            parsed = {
-                "error": {
-                    "message": f"Upstream answered HTTP {status} with a non-JSON body: {text}",
-                    "type": "upstream_error",
-                    "param": None,
-                    "code": None,
-                }
-            }
+            message = f"Upstream answered HTTP {status} with a non-JSON body: {text}"
+            parsed = error_response(status, message, type="upstream_error").body
         return EngineResponse(
             status_code=status,
             body=parsed,

@@ -1,0 +1,276 @@
+"""The continuous-batching loop: many requests decoded together in one llama.cpp context.
+
+One context holds `slots` sequences, each with its own KV cells. A decoder thread runs the loop:
+every step it puts the next token of every running sequence, plus prompt tokens of newly admitted
+ones, into one `llama_decode` call, samples each sequence's next token, and retires finished
+sequences so waiting requests can take their slots at once. The event loop only tokenizes,
+queues and awaits; the C call releases the GIL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import heapq
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lowtide.engines.llamacpp.weights import quiet_llama
+
+log = logging.getLogger("lowtide.llamacpp")
+
+_MAX_BATCH_TOKENS = 2048
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Sequence:
+    """One choice being generated; only the decoder thread touches it once submitted."""
+
+    prompt: list[int]
+    params: SamplingParams
+    future: asyncio.Future[tuple[str, str, int]]
+    loop: asyncio.AbstractEventLoop
+    rng: np.random.Generator | None = None
+    slot: int = -1
+    n_past: int = 0
+    pending: list[int] = field(default_factory=list)
+    generated: int = 0
+    last: int = -1
+    text: bytearray = field(default_factory=bytearray)
+
+    def finish(self, reason: str) -> None:
+        text = self.text.decode("utf-8", errors="replace")
+        for stop in self.params.stop:
+            at = text.find(stop)
+            if at >= 0:
+                text, reason = text[:at], "stop"
+        result = (text, reason, self.generated)
+        self.loop.call_soon_threadsafe(_resolve, self.future, result)
+
+    def fail(self, exc: Exception) -> None:
+        self.loop.call_soon_threadsafe(_reject, self.future, exc)
+
+
+def _resolve(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _reject(future: asyncio.Future[Any], exc: Exception) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+class BatchedDecoder:
+    """The continuous-batching loop over one llama.cpp context, on its own thread."""
+
+    def __init__(
+        self, model_path: Path, *, slots: int, context_per_slot: int, threads: int
+    ) -> None:
+        import llama_cpp
+        from llama_cpp._internals import LlamaModel
+
+        quiet_llama()
+        self._llama = llama_cpp
+        llama_cpp.llama_backend_init()
+        model_params = llama_cpp.llama_model_default_params()
+        self.model = LlamaModel(path_model=str(model_path), params=model_params, verbose=False)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = slots * context_per_slot
+        params.n_batch = _MAX_BATCH_TOKENS
+        params.n_ubatch = 512
+        params.n_seq_max = slots
+        params.kv_unified = False
+        params.n_threads = params.n_threads_batch = threads
+        self.ctx = llama_cpp.llama_init_from_model(self.model.model, params)
+        if not self.ctx:
+            raise RuntimeError(f"llama.cpp could not create a context for {model_path}")
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.batch = llama_cpp.llama_batch_init(_MAX_BATCH_TOKENS, 0, 1)
+        self.slots = slots
+        self.context_per_slot = context_per_slot
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.model.vocab)
+        self._pieces: dict[int, bytes] = {}
+        self._queue: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="llamacpp-decoder", daemon=True)
+        self._thread.start()
+
+    # -- tokens --------------------------------------------------------------------------
+    def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
+        return self.model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one generated token (cached: the same few thousand tokens recur)."""
+        cached = self._pieces.get(token)
+        if cached is None:
+            buf = ctypes.create_string_buffer(64)
+            n = self._llama.llama_token_to_piece(self.model.vocab, token, buf, len(buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = self._llama.llama_token_to_piece(
+                    self.model.vocab, token, buf, len(buf), 0, False
+                )
+            cached = self._pieces[token] = buf.raw[:n]
+        return cached
+
+    def is_end(self, token: int) -> bool:
+        return bool(self._llama.llama_vocab_is_eog(self.model.vocab, token))
+
+    # -- the loop ------------------------------------------------------------------------
+    def submit(self, seq: Sequence) -> None:
+        self._queue.put(seq)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+        self._llama.llama_batch_free(self.batch)
+        self._llama.llama_free(self.ctx)
+
+    def _run(self) -> None:
+        free = list(range(self.slots))  # a heap: the lowest free slot is taken first
+        active: dict[int, Sequence] = {}
+        while True:
+            if not self._admit(free, active):
+                return
+            for seq in [s for s in active.values() if s.future.done()]:
+                self._release(seq, free, active)  # its caller gave up: free the slot now
+            if not active:
+                continue
+            try:
+                rows = self._step(active)
+            except Exception as exc:  # fail the sequences in this step, keep serving others
+                log.exception("llama_decode failed")
+                for seq in list(active.values()):
+                    seq.fail(exc)
+                    self._release(seq, free, active)
+                continue
+            for seq, index in rows:
+                self._advance(seq, index, free, active)
+
+    def _admit(self, free: list[int], active: dict[int, Sequence]) -> bool:
+        """Move waiting requests into free slots; block only when nothing is running."""
+        block = not active
+        while free:
+            try:
+                seq = self._queue.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if seq is None:
+                return False
+            if seq.future.done():  # the caller gave up (cancel, shutdown)
+                continue
+            seq.slot = heapq.heappop(free)
+            self._llama.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
+            seq.pending = list(seq.prompt)
+            active[seq.slot] = seq
+        return True
+
+    def _step(self, active: dict[int, Sequence]) -> list[tuple[Sequence, int]]:
+        batch = self.batch
+        n = 0
+        rows: list[tuple[Sequence, int]] = []
+        # Rows in slot order, slots lowest-first: the same requests always decode the same way.
+        ordered = [active[slot] for slot in sorted(active)]
+        for seq in ordered:  # one token for every sequence that is generating
+            if not seq.pending:
+                self._put(n, seq.last, seq.n_past, seq.slot, True)
+                seq.n_past += 1
+                rows.append((seq, n))
+                n += 1
+        budget = _MAX_BATCH_TOKENS - n
+        for seq in ordered:  # prompt tokens, in chunks, for sequences still prefilling
+            if not seq.pending or budget <= 0:
+                continue
+            chunk, seq.pending = seq.pending[:budget], seq.pending[budget:]
+            for j, token in enumerate(chunk):
+                last = not seq.pending and j == len(chunk) - 1
+                self._put(n, token, seq.n_past, seq.slot, last)
+                seq.n_past += 1
+                if last:
+                    rows.append((seq, n))
+                n += 1
+            budget -= len(chunk)
+        batch.n_tokens = n
+        rc = self._llama.llama_decode(self.ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        return rows
+
+    def _put(self, i: int, token: int, pos: int, slot: int, logits: bool) -> None:
+        batch = self.batch
+        batch.token[i] = token
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = slot
+        batch.logits[i] = logits
+
+    def _advance(
+        self, seq: Sequence, index: int, free: list[int], active: dict[int, Sequence]
+    ) -> None:
+        if seq.future.done():
+            self._release(seq, free, active)
+            return
+        logits = np.ctypeslib.as_array(
+            self._llama.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,)
+        )
+        token = _sample(logits, seq)
+        if self.is_end(token):
+            seq.finish("stop")
+            self._release(seq, free, active)
+            return
+        seq.generated += 1
+        seq.last = token
+        seq.text += self.piece(token)
+        if seq.params.stop and _hit_stop(seq):
+            seq.finish("stop")
+        elif seq.generated >= seq.params.max_tokens or seq.n_past >= self.context_per_slot:
+            seq.finish("length")
+        else:
+            return
+        self._release(seq, free, active)
+
+    def _release(self, seq: Sequence, free: list[int], active: dict[int, Sequence]) -> None:
+        if active.pop(seq.slot, None) is not None:
+            heapq.heappush(free, seq.slot)
+
+
+def _hit_stop(seq: Sequence) -> bool:
+    tail = seq.text[-(max(len(s.encode()) for s in seq.params.stop) + 8) :].decode(
+        "utf-8", errors="ignore"
+    )
+    return any(stop in tail for stop in seq.params.stop)
+
+
+def _sample(logits: np.ndarray, seq: Sequence) -> int:
+    params = seq.params
+    if params.temperature <= 0:
+        return int(np.argmax(logits))
+    if seq.rng is None:
+        seq.rng = np.random.default_rng(params.seed)
+    scaled = logits.astype(np.float64) / params.temperature
+    if params.top_p < 1.0:
+        order = np.argsort(-scaled)
+        probs = np.exp(scaled[order] - scaled[order[0]])
+        probs /= probs.sum()
+        keep = int(np.searchsorted(np.cumsum(probs), params.top_p)) + 1
+        probs = probs[:keep] / probs[:keep].sum()
+        return int(order[seq.rng.choice(keep, p=probs)])
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    return int(seq.rng.choice(len(probs), p=probs))
