@@ -27,9 +27,10 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/lowtide serve --host 127.0.0.1 --port 8080 --data-dir ./lowtide-data
 
-## Lint, then the whole test suite (integration tests start real servers)
+## Lint, check the import contracts (pyproject.toml), then the whole test suite
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 ## The integration suite again, every server on PostgreSQL (a fresh database each)
@@ -44,6 +45,7 @@ test-scale: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
+	$(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff format src tests bench

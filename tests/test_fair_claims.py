@@ -6,8 +6,10 @@ import asyncio
 import time
 
 from lowtide.store import batches as batch_store
-from lowtide.store import work
+from lowtide.store import leases
 from lowtide.store.database import Database, sqlite_url
+from lowtide.store.rows import BatchRow, ShardRow
+from lowtide.vocabulary import BatchStatus
 
 
 def test_claims_take_one_shard_of_every_batch_first(tmp_path):
@@ -16,34 +18,32 @@ def test_claims_take_one_shard_of_every_batch_first(tmp_path):
         await asyncio.to_thread(db.upgrade)
         now = int(time.time())
         for name, shard_count in (("big", 50), ("small1", 1), ("small2", 2)):
-            row = batch_store.new_batch_row(
-                batch_id=name,
+            row = BatchRow(
+                id=name,
                 project="p",
                 endpoint="/v1/chat/completions",
                 input_file_id="f",
                 completion_window="24h",
-                window_seconds=86400,
-                now=now,
+                status=BatchStatus.VALIDATING,
+                created_at=now,
+                expires_at=now + 86400,
             )
-            await batch_store.insert_batch(db, row | {"status": "validating"})
+            await batch_store.insert_batch(db, row)
             shard_rows = [
-                {
-                    "batch_id": name,
-                    "idx": i,
-                    "first_request": i,
-                    "request_count": 1,
-                    "first_line": i + 1,
-                    "byte_start": i,
-                    "byte_end": i + 1,
-                    "status": "pending",
-                    "lease_epoch": 0,
-                    "committed": 0,
-                }
+                ShardRow(
+                    batch_id=name,
+                    idx=i,
+                    first_request=i,
+                    request_count=1,
+                    first_line=i + 1,
+                    byte_start=i,
+                    byte_end=i + 1,
+                )
                 for i in range(shard_count)
             ]
-            task = await work.claim_batch_task(db, "w", time.time(), 30)
-            assert task is not None and task.batch["id"] == name
-            assert await work.finish_validation(
+            task = await leases.claim_batch_task(db, "w", time.time(), 30)
+            assert task is not None and task.batch.id == name
+            assert await batch_store.finish_validation(
                 db,
                 name,
                 task.epoch,
@@ -53,9 +53,9 @@ def test_claims_take_one_shard_of_every_batch_first(tmp_path):
                 model="m",
                 errors=None,
             )
-        claims = await work.claim_shards(db, "w", time.time(), 30, limit=4)
+        claims = await leases.claim_shards(db, "w", time.time(), 30, limit=4)
         # A second worker cannot claim the same shards while the leases hold.
-        again = await work.claim_shards(db, "w2", time.time(), 30, limit=100)
+        again = await leases.claim_shards(db, "w2", time.time(), 30, limit=100)
         assert not {(c.batch_id, c.idx) for c in claims} & {(c.batch_id, c.idx) for c in again}
         assert len(claims) + len(again) == 53
         await db.close()

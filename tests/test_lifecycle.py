@@ -242,3 +242,27 @@ def test_partial_results_while_running(make_server, slow_sim):
         ).status_code
         == 404
     )
+
+    # Once the output file is deleted, its results are gone: 404, not the old lines or nothing.
+    client.files.delete(final.output_file_id)
+    gone = httpx.get(url + "?type=output", headers={"Authorization": "Bearer k"})
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "file_not_found"
+    assert httpx.get(url, headers={"Authorization": "Bearer k"}).status_code == 404
+
+
+def test_no_line_starts_after_cancel(make_server, slow_sim):
+    """Lines waiting for admission when the cancel lands never reach the upstream."""
+    concurrency = 8
+    srv = make_server(_slow_config(slow_sim, concurrency=concurrency)).start()
+    client = srv.client()
+    b = _create(client, 600, prefix="nc")
+    _wait_progress(client, b.id, 40)
+    client.batches.cancel(b.id)  # lines queued behind the window of 8 must never start
+    sent_at_cancel = sim_stats(slow_sim)["requests"]
+    final = wait_for_batch(client, b.id)
+    assert final.status == "cancelled"
+    # Only requests already on their way may still arrive: at most one window of them.
+    print("DIFF", sim_stats(slow_sim)["requests"] - sent_at_cancel)
+    assert sim_stats(slow_sim)["requests"] - sent_at_cancel <= concurrency
+    out, err = _exactly_once(client, final, 600, prefix="nc")
+    assert final.request_counts.completed == len(out) <= sent_at_cancel + concurrency

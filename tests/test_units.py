@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import time
+from pathlib import Path
 
 import orjson
 import pytest
@@ -14,9 +15,11 @@ from lowtide.config import BatchLimits, ModelRoute, parse_duration
 from lowtide.engines.base import EngineResponse
 from lowtide.engines.openai_http import parse_retry_after
 from lowtide.engines.router import Router
+from lowtide.runner import segment_lines
 from lowtide.runner.duplicates import DuplicateFinder
 from lowtide.runner.results import error_line, response_line, usage_of
 from lowtide.runner.retry import backoff_seconds, is_retryable_status
+from lowtide.runner.segment_lines import ResultLine
 from lowtide.runner.validation import FileValidator, confirm_duplicates, iter_request_lines
 
 
@@ -157,8 +160,8 @@ def test_usage_from_every_endpoint_shape():
 
 def test_result_line_shapes():
     ok = response_line("batch_req_1", "c1", EngineResponse(200, {"x": 1}, "req_9"))
-    assert ok[:1] == b"o"
-    assert orjson.loads(ok[1:]) == {
+    assert ok.ok
+    assert orjson.loads(ok.line) == {
         "id": "batch_req_1",
         "custom_id": "c1",
         "error": None,
@@ -167,16 +170,25 @@ def test_result_line_shapes():
     bad = orjson.loads(
         response_line(
             "i", "c", EngineResponse(400, {"error": {"message": "no", "code": "bad_thing"}})
-        )[1:]
+        ).line
     )
     assert bad["response"]["status_code"] == 400 and bad["error"] == {
         "code": "bad_thing",
         "message": "no",
     }
-    odd = orjson.loads(response_line("i", "c", EngineResponse(503, "text"))[1:])
+    odd = orjson.loads(response_line("i", "c", EngineResponse(503, "text")).line)
     assert odd["error"]["code"] == "http_503"
-    gone = orjson.loads(error_line("i", "c", "batch_expired", "late")[1:])
-    assert gone["response"] is None and gone["error"]["code"] == "batch_expired"
+    gone_line = error_line("i", "c", "batch_expired", "late")
+    gone = orjson.loads(gone_line.line)
+    assert (
+        not gone_line.ok and gone["response"] is None and gone["error"]["code"] == "batch_expired"
+    )
+
+
+def test_segment_lines_round_trip():
+    lines = [ResultLine(True, b'{"a":1}'), ResultLine(False, b'{"b":2}'), ResultLine(True, b"{}")]
+    assert list(segment_lines.decode(segment_lines.encode(lines))) == lines
+    assert list(segment_lines.decode(b"")) == []
 
 
 def test_router_exact_then_glob():
@@ -215,3 +227,17 @@ def test_local_blob_listing_and_dead_writes(tmp_path):
         assert [k async for k, _ in store.list_keys("files/")] == ["files/f1"]
 
     asyncio.run(scenario())
+
+
+def test_local_blobs_under_a_relative_folder(tmp_path, monkeypatch):
+    """`make run` passes a relative --data-dir: listing must still work (the sweeper uses it)."""
+    from lowtide.blobs.local import LocalBlobStore
+
+    monkeypatch.chdir(tmp_path)
+    store = LocalBlobStore(Path("data/blobs"))
+
+    async def scenario() -> list[str]:
+        await store.put("segments/b1/0000000-0000000-x.jsonl", b"o{}\n")
+        return [key async for key, _ in store.list_keys("segments/")]
+
+    assert asyncio.run(scenario()) == ["segments/b1/0000000-0000000-x.jsonl"]

@@ -10,9 +10,9 @@ import shutil
 import socket
 import sys
 import tempfile
-import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import orjson
 import typer
@@ -20,6 +20,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lowtide.config import Config, load_config
+from lowtide.vocabulary import BatchStatus
+
+if TYPE_CHECKING:
+    from lowtide.runtime import Runtime
+    from lowtide.service import BatchView
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Lowtide: a self-hosted Batch API."
@@ -146,11 +151,9 @@ def db_upgrade(
     config: ConfigOpt = None,
 ) -> None:
     """Apply database migrations (serve does this on start too)."""
-    from lowtide.store.database import Database, sqlite_url
+    from lowtide.runtime import Runtime
 
-    cfg = _load(config)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    Database(cfg.resolved_database_url() or sqlite_url(data_dir)).upgrade()
+    Runtime(_load(config), data_dir, run_workers=False).db.upgrade()
     err.print("database is up to date")
 
 
@@ -173,6 +176,10 @@ def run(
         Path | None,
         typer.Option(help="keep state here (default: a temporary folder, removed afterwards)"),
     ] = None,
+    endpoint: Annotated[
+        str | None,
+        typer.Option(help="the batch endpoint (default: the url of the file's first request)"),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "warning",
 ) -> None:
     """Process one file with no server; the output has the same format as a batch's files."""
@@ -183,7 +190,7 @@ def run(
     try:
         # A temporary data folder must not cost a model conversion on every run.
         model_cache = workdir / "models" if data_dir else _user_cache() / "models"
-        code = _run_async(_run_file(cfg, workdir, input, output, errors, model_cache))
+        code = _run_async(_run_file(cfg, workdir, input, output, errors, model_cache, endpoint))
     finally:
         if data_dir is None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -205,89 +212,60 @@ def _run_async(coro):  # type: ignore[no-untyped-def]
         return runner.run(coro)
 
 
-def _endpoint_of(path: Path) -> str:
-    with open(path, "rb") as fh:
-        for raw in fh:
-            if raw.strip():
-                try:
-                    url = orjson.loads(raw).get("url")
-                except (orjson.JSONDecodeError, AttributeError):
-                    url = None
-                if isinstance(url, str):
-                    return url
-                break
-    return "/v1/chat/completions"
-
-
 async def _run_file(
-    cfg: Config, workdir: Path, input: Path, output: Path, errors: Path, model_cache: Path
+    cfg: Config,
+    workdir: Path,
+    input: Path,
+    output: Path,
+    errors: Path,
+    model_cache: Path,
+    endpoint: str | None,
 ) -> int:
-    from lowtide.api.auth import OPEN_PROJECT
-    from lowtide.config import parse_duration
-    from lowtide.ids import new_batch_id, new_file_id
     from lowtide.runtime import Runtime
-    from lowtide.store import batches as batch_store
-    from lowtide.store import files as file_store
-    from lowtide.store.batches import TERMINAL
+    from lowtide.vocabulary import DEFAULT_ENDPOINT, DEFAULT_PROJECT, FilePurpose
 
     runtime = Runtime(cfg, workdir, model_cache_dir=model_cache)
     await runtime.start()
     try:
-        file_id, now = new_file_id(), int(time.time())
-        key = f"files/{file_id}"
-        writer = await runtime.blobs.writer(key)
-        async with writer:
-            with open(input, "rb") as fh:
-                while chunk := fh.read(1 << 20):
-                    await writer.write(chunk)
-            await writer.commit()
-        async with runtime.db.write() as conn:
-            await file_store.insert_file(
-                conn,
-                {
-                    "id": file_id,
-                    "project": OPEN_PROJECT,
-                    "filename": input.name,
-                    "purpose": "batch",
-                    "bytes": writer.bytes_written,
-                    "created_at": now,
-                    "expires_at": None,
-                    "blob_key": key,
-                },
-            )
-        window = cfg.batches.max_completion_window
-        row = batch_store.new_batch_row(
-            batch_id=new_batch_id(),
-            project=OPEN_PROJECT,
-            endpoint=_endpoint_of(input),
-            input_file_id=file_id,
-            completion_window=window,
-            window_seconds=int(parse_duration(window)),
-            now=now,
+        source = await runtime.files.upload(
+            DEFAULT_PROJECT, _read_chunks(input), purpose=FilePurpose.BATCH, filename=input.name
         )
-        await batch_store.insert_batch(runtime.db, row)
-        runtime.wake_worker()
-        batch = await _follow(runtime, row["id"], TERMINAL)
-        if batch["status"] == "failed":
+        if endpoint is None:
+            endpoint = await runtime.batches.endpoint_of_file(DEFAULT_PROJECT, source.id)
+        view = await runtime.batches.create(
+            DEFAULT_PROJECT,
+            input_file_id=source.id,
+            endpoint=endpoint or DEFAULT_ENDPOINT,
+            completion_window=cfg.batches.max_completion_window,
+        )
+        view = await _follow(runtime, view.row.id)
+        batch = view.row
+        if batch.status == BatchStatus.FAILED:
             err.print(f"[red]the input file is not valid[/red] ({input}):")
-            for e in (orjson.loads(batch["errors"]) or {}).get("data", [])[:50]:
+            for e in (orjson.loads(batch.errors or "{}")).get("data", [])[:50]:
                 where = f"line {e['line']}" if e.get("line") else "file"
                 err.print(f"  {where}: {e['code']}: {e['message']}")
             return 2
-        await _copy_out(runtime, batch["output_file_id"], output)
-        await _copy_out(runtime, batch["error_file_id"], errors)
+        await _copy_out(runtime, batch.output_file_id, output)
+        await _copy_out(runtime, batch.error_file_id, errors)
+        counts = view.counts
         err.print(
-            f"{batch['status']}: {batch['completed']} succeeded, {batch['failed']} failed of {batch['total']} "
-            f"→ {output}" + (f", errors → {errors}" if batch["error_file_id"] else "")
+            f"{batch.status}: {counts.completed} succeeded, {counts.failed} failed of {batch.total} "
+            f"→ {output}" + (f", errors → {errors}" if batch.error_file_id else "")
         )
-        return 0 if batch["failed"] == 0 else 1
+        return 0 if counts.failed == 0 else 1
     finally:
         await runtime.stop()
 
 
-async def _follow(runtime, batch_id: str, terminal: tuple[str, ...]) -> dict:  # type: ignore[no-untyped-def]
-    from lowtide.api.auth import OPEN_PROJECT
-    from lowtide.store import batches as batch_store
+async def _read_chunks(path: Path) -> AsyncIterator[bytes]:
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            yield chunk
+
+
+async def _follow(runtime: Runtime, batch_id: str) -> BatchView:
+    from lowtide.vocabulary import DEFAULT_PROJECT, TERMINAL
 
     columns = [
         TextColumn("{task.description}"),
@@ -296,36 +274,27 @@ async def _follow(runtime, batch_id: str, terminal: tuple[str, ...]) -> dict:  #
         TimeElapsedColumn(),
     ]
     with Progress(*columns, console=err, transient=False, disable=not sys.stderr.isatty()) as bar:
-        task = bar.add_task("validating", total=None)
+        task = bar.add_task(BatchStatus.VALIDATING, total=None)
         while True:
-            batch = await batch_store.get_batch(runtime.db, OPEN_PROJECT, batch_id)
-            assert batch is not None
-            if batch["status"] in terminal:
-                bar.update(
-                    task,
-                    description=batch["status"],
-                    total=batch["total"] or 1,
-                    completed=batch["completed"] + batch["failed"],
-                )
-                return batch
-            progress = (await batch_store.live_progress(runtime.db, [batch_id])).get(batch_id, {})
-            done = progress.get("completed", 0) + progress.get("failed", 0)
+            view = await runtime.batches.get(DEFAULT_PROJECT, batch_id)
+            done = view.counts.completed + view.counts.failed
             bar.update(
-                task, description=batch["status"], total=batch["total"] or None, completed=done
+                task, description=view.row.status, total=view.row.total or None, completed=done
             )
+            if view.row.status in TERMINAL:
+                return view
             await asyncio.sleep(0.2)
 
 
-async def _copy_out(runtime, file_id: str | None, path: Path) -> None:  # type: ignore[no-untyped-def]
-    from lowtide.store.files import get_file_any_project
+async def _copy_out(runtime: Runtime, file_id: str | None, path: Path) -> None:
+    from lowtide.vocabulary import DEFAULT_PROJECT
 
     if file_id is None:
         path.unlink(missing_ok=True)
         return
-    row = await get_file_any_project(runtime.db, file_id)
-    assert row is not None
+    _, chunks = await runtime.files.content(DEFAULT_PROJECT, file_id)
     with open(path, "wb") as fh:
-        async for chunk in runtime.blobs.iter_chunks(row["blob_key"]):
+        async for chunk in chunks:
             fh.write(chunk)
 
 

@@ -1,4 +1,4 @@
-"""Everything a Lowtide process holds: store, blobs, engines and (optionally) a worker."""
+"""The composition root: everything a Lowtide process holds, built once and wired here."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from lowtide.blobs import BlobStore, open_blob_store
 from lowtide.config import Config
 from lowtide.engines.router import Router
 from lowtide.runner.worker import Worker
+from lowtide.service import BatchService, FileService
 from lowtide.store.database import Database, sqlite_url
 
 log = logging.getLogger("lowtide")
@@ -25,10 +26,14 @@ class Runtime:
     db: Database = field(init=False)
     blobs: BlobStore = field(init=False)
     router: Router = field(init=False)
+    files: FileService = field(init=False)
+    batches: BatchService = field(init=False)
     worker: Worker | None = field(init=False, default=None)
     _worker_task: asyncio.Task[None] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
+        # Resolved once, at start: every path below is absolute whatever the working folder.
+        self.data_dir = self.data_dir.resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.db = Database(self.config.resolved_database_url() or sqlite_url(self.data_dir))
         self.blobs = open_blob_store(
@@ -40,6 +45,9 @@ class Runtime:
         self.router = Router(
             self.config.routes(), cache_dir=self.model_cache_dir or self.data_dir / "models"
         )
+        limits = self.config.batches
+        self.files = FileService(self.db, self.blobs, limits, self.wake_worker)
+        self.batches = BatchService(self.db, self.blobs, limits, self.wake_worker)
 
     async def start(self) -> None:
         await asyncio.to_thread(self.db.upgrade)
@@ -48,6 +56,7 @@ class Runtime:
             self._worker_task = asyncio.create_task(self.worker.run())
 
     def wake_worker(self) -> None:
+        """New work, a delete or a cancel: look now instead of at the next poll."""
         if self.worker is not None:
             self.worker.wake()
 

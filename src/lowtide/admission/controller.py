@@ -290,15 +290,6 @@ class RouteController:
             + (f" tpm={self.tpm.per_minute:g}" if self.tpm else "")
         )
 
-    def snapshot(self) -> dict[str, float]:
-        return {
-            "in_flight": self.in_flight,
-            "window": self.window.limit,
-            "waiting": self._waiting,
-            "rpm": self.rpm.per_minute if self.rpm else 0,
-            "tpm": self.tpm.per_minute if self.tpm else 0,
-        }
-
 
 def _gauge_sum(text: str, name: str) -> float:
     """Sum a Prometheus gauge over its label sets (`name{...} value` lines)."""

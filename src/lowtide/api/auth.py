@@ -5,8 +5,7 @@ from __future__ import annotations
 from fastapi import Request
 
 from lowtide.errors import ApiError
-
-OPEN_PROJECT = "default"
+from lowtide.vocabulary import DEFAULT_PROJECT
 
 
 def project_of(request: Request) -> str:
@@ -16,7 +15,7 @@ def project_of(request: Request) -> str:
     scheme, _, token = header.partition(" ")
     token = token.strip() if scheme.lower() == "bearer" else ""
     if not keys:
-        return OPEN_PROJECT
+        return DEFAULT_PROJECT
     if not token:
         raise ApiError(
             401,

@@ -35,7 +35,12 @@ async def validation_error_handler(_request: Request, exc: Exception) -> Respons
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
     param = ".".join(loc) or None
     kind = first.get("type", "")
-    if kind == "missing":
+    if kind == "missing" and param is None:
+        message, code = (
+            "The request body is missing: send a JSON object.",
+            "missing_required_parameter",
+        )
+    elif kind == "missing":
         message, code = f"Missing required parameter: '{param}'.", "missing_required_parameter"
     elif kind == "json_invalid":
         message, code = "We could not parse the JSON body of your request.", "invalid_json"

@@ -1,8 +1,8 @@
 """Streaming multipart upload straight into the blob store.
 
 The file part never sits whole in memory or in a temp file: each piece the parser yields is
-written to the blob writer at once, the size limit is checked as bytes arrive, and the blob
-becomes visible only when the upload completed and the form checked out.
+handed to the service's upload at once (which checks the size limit as bytes arrive), and the
+file becomes visible only when the service finishes the upload after the form checked out.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from fastapi import Request
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.requests import ClientDisconnect
 
-from lowtide.blobs import BlobStore, BlobWriter
 from lowtide.errors import ApiError
+from lowtide.service import FileUpload
+from lowtide.service.files import file_too_large
 
 _MAX_FIELD_BYTES = 64 * 1024
 _MAX_FIELDS = 64
@@ -25,9 +26,6 @@ _MAX_FIELD_TOTAL = 1024 * 1024
 class UploadedForm:
     fields: dict[str, str]
     filename: str | None
-    bytes: int
-    first_byte: bytes
-    writer: BlobWriter | None
 
 
 @dataclass
@@ -40,19 +38,16 @@ class _PartState:
     value: bytearray = field(default_factory=bytearray)
 
 
-def _too_large(limit: int) -> ApiError:
-    return ApiError(
-        413,
-        f"File is too large: the limit is {limit:,} bytes.",
-        code="file_too_large",
-        param="file",
-    )
+async def receive_upload(request: Request, upload: FileUpload, max_bytes: int) -> UploadedForm:
+    """Parse the form, streaming the `file` part into `upload`; abort it on any failure."""
+    try:
+        return await _receive(request, upload, max_bytes)
+    except BaseException:
+        await upload.abort()
+        raise
 
 
-async def receive_upload(
-    request: Request, blobs: BlobStore, key: str, max_bytes: int
-) -> UploadedForm:
-    """Parse the form; the `file` part streams into `key`. The caller commits or aborts."""
+async def _receive(request: Request, upload: FileUpload, max_bytes: int) -> UploadedForm:
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
     boundary = params.get(b"boundary")
     if content_type != b"multipart/form-data" or not boundary:
@@ -66,10 +61,9 @@ async def receive_upload(
         and len(declared) < 20
         and int(declared) > max_bytes + _MAX_FIELD_TOTAL
     ):
-        raise _too_large(max_bytes)
+        raise file_too_large(max_bytes)
 
-    writer = await blobs.writer(key)
-    form = UploadedForm(fields={}, filename=None, bytes=0, first_byte=b"", writer=writer)
+    form = UploadedForm(fields={}, filename=None)
     part = _PartState()
     file_parts_seen = 0
     field_bytes = 0
@@ -130,13 +124,7 @@ async def receive_upload(
             if len(form.fields) > _MAX_FIELDS or field_bytes > _MAX_FIELD_TOTAL:
                 raise ApiError(400, "Too many or too large form fields in the upload.")
             for piece in pending:
-                if not form.first_byte:
-                    stripped = piece.lstrip()
-                    form.first_byte = stripped[:1]
-                form.bytes += len(piece)
-                if form.bytes > max_bytes:
-                    raise _too_large(max_bytes)
-                await writer.write(piece)
+                await upload.write(piece)
             pending.clear()
         parser.finalize()
         if parser.state != MultipartState.END:
@@ -144,17 +132,14 @@ async def receive_upload(
                 400,
                 "The multipart body ended before its closing boundary: the upload is incomplete.",
             )
-    except ClientDisconnect:
-        await writer.abort()
-        raise
+    except ClientDisconnect as exc:
+        # Nobody is left to read the answer: an ordinary error response, not a traceback.
+        raise ApiError(400, "The client closed the connection before the upload finished.") from exc
     except ApiError:
-        await writer.abort()
         raise
     except Exception as exc:
-        await writer.abort()
         raise ApiError(400, f"The multipart body could not be parsed: {exc}") from exc
     if file_parts_seen == 0:
-        await writer.abort()
         raise ApiError(
             400,
             "Missing required parameter: 'file'.",
@@ -162,6 +147,5 @@ async def receive_upload(
             code="missing_required_parameter",
         )
     if file_parts_seen > 1:
-        await writer.abort()
         raise ApiError(400, "Only one 'file' part may be uploaded per request.", param="file")
     return form

@@ -38,13 +38,15 @@ class _LocalWriter(BlobWriter):
 
 class LocalBlobStore(BlobStore):
     def __init__(self, root: Path) -> None:
-        self.root = root
-        self._tmp = root / ".tmp"
+        # Resolved once: every key's path is checked against it, and listing reports keys
+        # relative to it, so a relative data folder must not make the two disagree.
+        self.root = root.resolve()
+        self._tmp = self.root / ".tmp"
         self._tmp.mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
         path = (self.root / key).resolve()
-        if self.root.resolve() not in path.parents:
+        if self.root not in path.parents:
             raise ValueError(f"blob key escapes the store: {key!r}")
         return path
 

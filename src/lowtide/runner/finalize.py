@@ -8,17 +8,23 @@ temporary blobs that the next one simply writes again.
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import Any
 
 import orjson
 
 from lowtide.blobs import BlobStore, BlobWriter
+from lowtide.blobs.keys import file_key
 from lowtide.ids import new_file_id, request_line_id
-from lowtide.runner.results import CANCELLED_MESSAGE, EXPIRED_MESSAGE, OK_PREFIX, error_line
+from lowtide.runner import segment_lines
+from lowtide.runner.results import CANCELLED_MESSAGE, EXPIRED_MESSAGE, error_line
 from lowtide.runner.validation import iter_request_lines
-from lowtide.store import work
 from lowtide.store.database import Database
-from lowtide.store.files import blob_key_any
+from lowtide.store.files import blob_key_of
+from lowtide.store.leases import BatchTask
+from lowtide.store.rows import BatchRow, FileRow, ShardRow
+from lowtide.store.segments import batch_counts, publish_batch, segments_of, shards_of
+from lowtide.vocabulary import BatchStatus, FilePurpose, StopReason
 
 _FLUSH_BYTES = 1 << 20
 DEFAULT_OUTPUT_TTL = 30 * 86400
@@ -47,32 +53,31 @@ class _OutputFile:
             self._buffer.clear()
 
 
-async def finalize_batch(db: Database, blobs: BlobStore, task: work.BatchTask) -> bool:
+async def finalize_batch(db: Database, blobs: BlobStore, task: BatchTask) -> bool:
     batch = task.batch
-    reason = batch["stop_reason"]
     outputs: list[_OutputFile] = []
     for _ in range(2):
         file_id = new_file_id()
-        key = f"files/{file_id}"
-        outputs.append(_OutputFile(await blobs.writer(key), file_id, key))
+        outputs.append(
+            _OutputFile(await blobs.writer(file_key(file_id)), file_id, file_key(file_id))
+        )
     out, err = outputs
     segment_keys: list[str] = []
     try:
-        shard_rows = await work.shards_of(db, batch["id"])
-        input_key = await blob_key_any(db, batch["input_file_id"]) if shard_rows else None
-        for shard in shard_rows:
-            for segment in await work.segments_of(db, batch["id"], shard["idx"]):
-                segment_keys.append(segment["blob_key"])
-                data = await blobs.read(segment["blob_key"])
-                lines = [line for line in data.split(b"\n") if line]
-                if len(lines) != segment["count"]:
+        shards = await shards_of(db, batch.id)
+        input_key = await blob_key_of(db, batch.input_file_id) if shards else ""
+        for shard in shards:
+            for segment in await segments_of(db, batch.id, shard.idx):
+                segment_keys.append(segment.blob_key)
+                results = list(segment_lines.decode(await blobs.read(segment.blob_key)))
+                if len(results) != segment.count:
                     raise RuntimeError(
-                        f"segment {segment['blob_key']} has {len(lines)} lines, {segment['count']} committed"
+                        f"segment {segment.blob_key} has {len(results)} lines, {segment.count} committed"
                     )
-                for line in lines:
-                    await (out if line[:1] == OK_PREFIX else err).add(line[1:])
-            if shard["committed"] < shard["request_count"]:
-                await _unfinished_lines(blobs, input_key, batch, shard, reason, err)
+                for result in results:
+                    await (out if result.ok else err).add(result.line)
+            if shard.committed < shard.request_count:
+                await _unfinished_lines(blobs, input_key, batch, shard, err)
         for f in outputs:
             await f.flush()
             if f.lines:
@@ -85,32 +90,30 @@ async def finalize_batch(db: Database, blobs: BlobStore, task: work.BatchTask) -
         raise
 
     now = int(time.time())
-    totals = await work.shard_totals(db, batch["id"])
-    ttl = batch["output_expires_seconds"] or DEFAULT_OUTPUT_TTL
+    ttl = batch.output_expires_seconds or DEFAULT_OUTPUT_TTL
     file_rows = [
-        {
-            "id": f.file_id,
-            "project": batch["project"],
-            "filename": f"{batch['id']}_{name}.jsonl",
-            "purpose": "batch_output",
-            "bytes": f.writer.bytes_written,
-            "created_at": now,
-            "expires_at": now + ttl,
-            "blob_key": f.key,
-        }
+        FileRow(
+            id=f.file_id,
+            project=batch.project,
+            filename=f"{batch.id}_{name}.jsonl",
+            purpose=FilePurpose.BATCH_OUTPUT,
+            bytes=f.writer.bytes_written,
+            created_at=now,
+            expires_at=now + ttl,
+            blob_key=f.key,
+        )
         for f, name in ((out, "output"), (err, "error"))
         if f.lines
     ]
-    terminal = {"cancelled": "cancelled", "expired": "expired"}.get(reason or "", "completed")
+    terminal = _TERMINAL_STATUS[batch.stop_reason]
     values: dict[str, Any] = {
         "status": terminal,
         f"{terminal}_at": now,
         "output_file_id": out.file_id if out.lines else None,
         "error_file_id": err.file_id if err.lines else None,
-        **totals,
+        **asdict(await batch_counts(db, batch.id)),
     }
-    published = await work.finish_batch(db, batch["id"], task.epoch, values, file_rows)
-    if not published:
+    if not await publish_batch(db, batch.id, task.epoch, values, file_rows):
         for f in outputs:
             if f.lines:
                 await blobs.delete(f.key)
@@ -120,24 +123,25 @@ async def finalize_batch(db: Database, blobs: BlobStore, task: work.BatchTask) -
     return True
 
 
+_TERMINAL_STATUS = {
+    None: BatchStatus.COMPLETED,
+    StopReason.CANCELLED: BatchStatus.CANCELLED,
+    StopReason.EXPIRED: BatchStatus.EXPIRED,
+}
+
+
 async def _unfinished_lines(
-    blobs: BlobStore,
-    input_key: str | None,
-    batch: dict[str, Any],
-    shard: dict[str, Any],
-    reason: str | None,
-    err: _OutputFile,
+    blobs: BlobStore, input_key: str, batch: BatchRow, shard: ShardRow, err: _OutputFile
 ) -> None:
     """Lines that never ran become batch_cancelled / batch_expired error lines."""
-    assert input_key is not None
     code, message = (
         ("batch_expired", EXPIRED_MESSAGE)
-        if reason == "expired"
+        if batch.stop_reason == StopReason.EXPIRED
         else ("batch_cancelled", CANCELLED_MESSAGE)
     )
-    data = await blobs.read_range(input_key, shard["byte_start"], shard["byte_end"])
+    data = await blobs.read_range(input_key, shard.byte_start, shard.byte_end)
     lines = iter_request_lines(data)
-    for offset in range(shard["committed"], shard["request_count"]):
+    for offset in range(shard.committed, shard.request_count):
         custom_id = orjson.loads(lines[offset]).get("custom_id")
-        line_id = request_line_id(batch["id"], shard["first_request"] + offset)
-        await err.add(error_line(line_id, custom_id, code, message)[1:])
+        line_id = request_line_id(batch.id, shard.first_request + offset)
+        await err.add(error_line(line_id, custom_id, code, message).line)

@@ -9,9 +9,7 @@ import orjson
 
 from lowtide.engines.base import EngineResponse
 from lowtide.ids import new_request_id
-
-OK_PREFIX = b"o"
-ERROR_PREFIX = b"e"
+from lowtide.runner.segment_lines import ResultLine
 
 CANCELLED_MESSAGE = "This request was not executed because the batch was cancelled."
 EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
@@ -48,7 +46,7 @@ def _int(value: Any) -> int:
     return value if isinstance(value, int) and value > 0 else 0
 
 
-def response_line(line_id: str, custom_id: str, response: EngineResponse) -> bytes:
+def response_line(line_id: str, custom_id: str, response: EngineResponse) -> ResultLine:
     """A line for the output file (2xx) or the error file (any other status).
 
     For an HTTP error we fill both `response` (as the engine answered, the hosted API's shape)
@@ -66,19 +64,17 @@ def response_line(line_id: str, custom_id: str, response: EngineResponse) -> byt
         },
         "error": error,
     }
-    return (OK_PREFIX if ok else ERROR_PREFIX) + orjson.dumps(
-        line, option=orjson.OPT_SERIALIZE_NUMPY
-    )
+    return ResultLine(ok, orjson.dumps(line, option=orjson.OPT_SERIALIZE_NUMPY))
 
 
-def error_line(line_id: str, custom_id: str, code: str, message: str) -> bytes:
+def error_line(line_id: str, custom_id: str, code: str, message: str) -> ResultLine:
     line = {
         "id": line_id,
         "custom_id": custom_id,
         "response": None,
         "error": {"code": code, "message": message},
     }
-    return ERROR_PREFIX + orjson.dumps(line)
+    return ResultLine(False, orjson.dumps(line))
 
 
 def _error_from_body(status: int, body: Any) -> dict[str, str]:

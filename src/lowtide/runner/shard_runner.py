@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,17 +19,22 @@ import orjson
 from lowtide.admission.controller import RouteController
 from lowtide.admission.estimate import estimate_tokens
 from lowtide.blobs import BlobStore
+from lowtide.blobs.keys import segment_key
 from lowtide.config import ModelRoute, WorkerConfig
 from lowtide.engines.base import EngineResponse, TransientEngineError
 from lowtide.engines.router import Router
 from lowtide.ids import request_line_id
-from lowtide.runner.results import OK_PREFIX, error_line, response_line, usage_of
+from lowtide.runner import segment_lines
+from lowtide.runner.results import Usage, error_line, response_line, usage_of
 from lowtide.runner.retry import backoff_seconds, is_retryable_status
+from lowtide.runner.segment_lines import ResultLine
 from lowtide.runner.validation import iter_request_lines
-from lowtide.store import work
-from lowtide.store.batches import PRIORITIES
 from lowtide.store.database import Database
-from lowtide.store.files import blob_key_any
+from lowtide.store.files import blob_key_of
+from lowtide.store.leases import LeaseState, ShardClaim, release_shard, renew_shard_lease
+from lowtide.store.rows import Counts
+from lowtide.store.segments import Segment, commit_segment
+from lowtide.vocabulary import PRIORITIES
 
 log = logging.getLogger("lowtide.shard")
 
@@ -54,16 +58,12 @@ class RunnerContext:
 
 @dataclass(slots=True)
 class _Done:
-    line: bytes
-    ok: bool
-    input_tokens: int
-    output_tokens: int
-    cached_tokens: int
-    reasoning_tokens: int
+    result: ResultLine
+    usage: Usage
 
 
 class ShardRun:
-    def __init__(self, ctx: RunnerContext, claim: work.ShardClaim) -> None:
+    def __init__(self, ctx: RunnerContext, claim: ShardClaim) -> None:
         self.ctx = ctx
         self.claim = claim
         self.stopping = False  # batch stopped or worker shutting down: finish in-flight, hand back
@@ -80,7 +80,7 @@ class ShardRun:
     async def run(self) -> None:
         claim = self.claim
         try:
-            key = await blob_key_any(self.ctx.db, claim.input_file_id)
+            key = await blob_key_of(self.ctx.db, claim.input_file_id)
             data = await self.ctx.blobs.read_range(key, claim.byte_start, claim.byte_end)
             lines = iter_request_lines(data)
             del data
@@ -92,7 +92,7 @@ class ShardRun:
             log.exception(
                 "cannot read input for shard %s/%s; retry in 30 s", claim.batch_id, claim.idx
             )
-            await work.release_shard(self.ctx.db, claim, retry_at=time.time() + 30)
+            await release_shard(self.ctx.db, claim, retry_at=time.time() + 30)
             return
         heartbeat = asyncio.create_task(self._heartbeat())
         committer = asyncio.create_task(self._committer())
@@ -112,7 +112,7 @@ class ShardRun:
             # Stopped (cancel, expiry, shutdown): hand back at once. Anything else left a gap
             # that an immediate retry would hit again, so back off.
             retry_at = None if self.stopping else time.time() + 30
-            await work.release_shard(self.ctx.db, claim, retry_at=retry_at)
+            await release_shard(self.ctx.db, claim, retry_at=retry_at)
 
     async def _dispatch(self, lines: list[bytes]) -> None:
         first = (
@@ -158,7 +158,7 @@ class ShardRun:
         while True:
             await asyncio.sleep(interval)
             try:
-                state = await work.renew_shard_lease(
+                state = await renew_shard_lease(
                     self.ctx.db, self.claim, time.time() + self.ctx.config.lease_seconds
                 )
             except Exception:
@@ -166,13 +166,13 @@ class ShardRun:
                     "lease renewal failed for shard %s/%s", self.claim.batch_id, self.claim.idx
                 )
                 continue
-            if state == "lost":
+            if state == LeaseState.LOST:
                 log.warning("lost lease on shard %s/%s", self.claim.batch_id, self.claim.idx)
                 self.lost = True
                 for task in list(self._tasks):
                     task.cancel()
                 return
-            if state == "stop":
+            if state == LeaseState.STOP:
                 self.stopping = True
 
     # -- one line ------------------------------------------------------------------------
@@ -217,6 +217,11 @@ class ShardRun:
         failure: TransientEngineError | None = None
         for attempt in range(route.max_retries + 1):
             permit = await controller.acquire(claim.batch_id, weight, cost)
+            if self.stopping or self.lost:
+                # Stopped while waiting for a permit: this line never starts. Only requests
+                # already sent may finish after a cancel.
+                controller.release(permit, status=0)
+                return None
             try:
                 response, failure = await engine.execute(claim.endpoint, body), None
             except TransientEngineError as exc:
@@ -260,16 +265,7 @@ class ShardRun:
             return _error_done(error_line(line_id, custom_id, failure.code, failure.message))
         if self.stopping and is_retryable_status(response.status_code):
             return None
-        line = response_line(line_id, custom_id, response)
-        usage = usage_of(response.body)
-        return _Done(
-            line,
-            line[:1] == OK_PREFIX,
-            usage.input_tokens,
-            usage.output_tokens,
-            usage.cached_tokens,
-            usage.reasoning_tokens,
-        )
+        return _Done(response_line(line_id, custom_id, response), usage_of(response.body))
 
     # -- commits -------------------------------------------------------------------------
     async def _committer(self) -> None:
@@ -296,29 +292,39 @@ class ShardRun:
             if end == first and not done:
                 return
             items = [self._results[i] for i in range(first, end)]
-            stats = work.SegmentStats(
-                count=end - first,
-                completed=sum(1 for d in items if d.ok),
-                failed=sum(1 for d in items if not d.ok),
-                input_tokens=sum(d.input_tokens for d in items),
-                output_tokens=sum(d.output_tokens for d in items),
-                cached_tokens=sum(d.cached_tokens for d in items),
-                reasoning_tokens=sum(d.reasoning_tokens for d in items),
+            segment = Segment(
+                first,
+                end - first,
+                segment_key(self.claim.batch_id, self.claim.idx, first),
+                _counts(items),
             )
-            # A fresh key per attempt: a retried commit must never overwrite a committed blob.
-            key = f"segments/{self.claim.batch_id}/{self.claim.idx:07d}-{first:07d}-{uuid.uuid4().hex}.jsonl"
             if items:
-                await self.ctx.blobs.put(key, b"\n".join(d.line for d in items) + b"\n")
-            ok = await work.commit_segment(self.ctx.db, self.claim, first, key, stats, done=done)
-            if not ok:
+                await self.ctx.blobs.put(
+                    segment.blob_key, segment_lines.encode(d.result for d in items)
+                )
+            if not await commit_segment(self.ctx.db, self.claim, segment, done=done):
                 self.lost = True
                 if items:
-                    await self.ctx.blobs.delete(key)
+                    await self.ctx.blobs.delete(segment.blob_key)
                 return
             for i in range(first, end):
                 self._results[i] = None
             self._committed = end
 
 
-def _error_done(line: bytes) -> _Done:
-    return _Done(line, False, 0, 0, 0, 0)
+def _counts(items: list[_Done]) -> Counts:
+    counts = Counts()
+    for done in items:
+        if done.result.ok:
+            counts.completed += 1
+        else:
+            counts.failed += 1
+        counts.input_tokens += done.usage.input_tokens
+        counts.output_tokens += done.usage.output_tokens
+        counts.cached_tokens += done.usage.cached_tokens
+        counts.reasoning_tokens += done.usage.reasoning_tokens
+    return counts
+
+
+def _error_done(line: ResultLine) -> _Done:
+    return _Done(line, Usage())

@@ -16,20 +16,8 @@ import orjson
 
 from lowtide.config import BatchLimits
 from lowtide.runner.duplicates import DuplicateFinder
+from lowtide.vocabulary import ENDPOINTS
 
-SUPPORTED_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
-_REQUIRED_INPUT = {
-    "/v1/chat/completions": "messages",
-    "/v1/completions": "prompt",
-    "/v1/embeddings": "input",
-    "/v1/responses": "input",
-}
-_ENDPOINT_LABEL = {
-    "/v1/chat/completions": "Chat Completions",
-    "/v1/completions": "Completions",
-    "/v1/embeddings": "Embeddings",
-    "/v1/responses": "Responses",
-}
 MAX_LINE_BYTES = 64 * 1024 * 1024
 
 
@@ -225,8 +213,8 @@ class FileValidator:
         if not isinstance(body, dict):
             self._error("invalid_request", line, "body", "The 'body' must be a JSON object.")
             return
+        required, label = ENDPOINTS[self.endpoint]
         if body.get("stream"):
-            label = _ENDPOINT_LABEL.get(self.endpoint, "This endpoint")
             self._error(
                 "streaming_unsupported",
                 line,
@@ -250,8 +238,7 @@ class FileValidator:
                 f"The provided model '{model}' is not supported by the Batch API.{served}",
             )
             return
-        required = _REQUIRED_INPUT.get(self.endpoint)
-        if required and body.get(required) is None:
+        if body.get(required) is None:
             self._error(
                 "invalid_request",
                 line,
@@ -304,3 +291,25 @@ async def confirm_duplicates(
         for line, earlier in pairs
         if ids.get(line) is not None and ids.get(line) == ids.get(earlier)
     ]
+
+
+async def first_request_url(chunks: AsyncIterator[bytes]) -> str | None:
+    """The `url` of the first request line, read no further than that line."""
+    buffer = b""
+    async for chunk in chunks:
+        buffer += chunk
+        while b"\n" in buffer:
+            raw, buffer = buffer.split(b"\n", 1)
+            if raw.strip():
+                return _url_of(raw)
+        if len(buffer) > MAX_LINE_BYTES:
+            return None
+    return _url_of(buffer) if buffer.strip() else None
+
+
+def _url_of(raw: bytes) -> str | None:
+    try:
+        url = orjson.loads(raw).get("url")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return url if isinstance(url, str) else None

@@ -20,9 +20,13 @@ from lowtide.runner import sweeper
 from lowtide.runner.finalize import finalize_batch
 from lowtide.runner.shard_runner import RunnerContext, ShardRun
 from lowtide.runner.validation import FileValidator, confirm_duplicates
-from lowtide.store import work
+from lowtide.store import leases
+from lowtide.store.batches import finish_validation, stopped_among
 from lowtide.store.database import Database
-from lowtide.store.files import get_file_any_project
+from lowtide.store.files import get_file_any_state
+from lowtide.store.leases import BatchTask, ShardClaim, TaskKind
+from lowtide.store.rows import ShardRow
+from lowtide.vocabulary import FilePurpose
 
 log = logging.getLogger("lowtide.worker")
 
@@ -93,28 +97,23 @@ class Worker:
         cfg = self.config.worker
         if now - self._last_expiry >= 1.0:
             self._last_expiry = now
-            for batch_id in await work.mark_expired(self.db, now):
+            for batch_id in await leases.mark_expired(self.db, now):
                 self.stop_batch(batch_id)
+        # A cancel may come through any API server: look for it every tick, so no new line of
+        # a cancelled batch starts here more than a tick after it.
+        running = list({run.claim.batch_id for run in self._shards.values() if not run.stopping})
+        for batch_id in await stopped_among(self.db, running):
+            self.stop_batch(batch_id)
         while len(self._batch_tasks) < _MAX_BATCH_TASKS and not self._stopping:
-            task = await work.claim_batch_task(self.db, self.id, time.time(), cfg.lease_seconds)
+            task = await leases.claim_batch_task(self.db, self.id, time.time(), cfg.lease_seconds)
             if task is None:
                 break
             self._spawn_batch_task(task)
         if not self._stopping:
             # Every batch waiting for work gets a first shard, even when big batches hold all
             # the regular slots; then the regular slots are filled.
-            room = cfg.max_batches_in_flight - len(self._shards)
-            if room > 0:
-                for claim in await work.claim_shards(
-                    self.db, self.id, time.time(), cfg.lease_seconds, room, idle_batches_only=True
-                ):
-                    self._spawn_shard(claim)
-            free = cfg.max_active_shards - len(self._shards)
-            if free > 0:
-                for claim in await work.claim_shards(
-                    self.db, self.id, time.time(), cfg.lease_seconds, free
-                ):
-                    self._spawn_shard(claim)
+            await self._claim_shards(cfg.max_batches_in_flight, idle_batches_only=True)
+            await self._claim_shards(cfg.max_active_shards, idle_batches_only=False)
         if now - self._last_route_log >= 30:
             self._last_route_log = now
             self._log_routes()
@@ -123,7 +122,18 @@ class Worker:
             await self._sweep(now)
 
     # -- shards --------------------------------------------------------------------------
-    def _spawn_shard(self, claim: work.ShardClaim) -> None:
+    async def _claim_shards(self, slots: int, *, idle_batches_only: bool) -> None:
+        """Fill up to `slots` running shards in this process."""
+        room = slots - len(self._shards)
+        if room <= 0:
+            return
+        lease = self.config.worker.lease_seconds
+        for claim in await leases.claim_shards(
+            self.db, self.id, time.time(), lease, room, idle_batches_only=idle_batches_only
+        ):
+            self._spawn_shard(claim)
+
+    def _spawn_shard(self, claim: ShardClaim) -> None:
         run = ShardRun(self.ctx, claim)
         task = asyncio.create_task(run.run())
         self._shards[task] = run
@@ -136,8 +146,8 @@ class Worker:
         self._wake.set()
 
     # -- validation and finalize ---------------------------------------------------------
-    def _spawn_batch_task(self, task: work.BatchTask) -> None:
-        job = self._validate if task.kind == "validate" else self._finalize
+    def _spawn_batch_task(self, task: BatchTask) -> None:
+        job = self._validate if task.kind == TaskKind.VALIDATE else self._finalize
         t = asyncio.create_task(self._with_lease(task, job))
         self._batch_tasks.add(t)
         t.add_done_callback(self._batch_task_finished)
@@ -148,19 +158,17 @@ class Worker:
             log.error("batch task crashed", exc_info=task.exception())
         self._wake.set()
 
-    async def _with_lease(
-        self, task: work.BatchTask, job: Callable[[work.BatchTask], object]
-    ) -> None:
+    async def _with_lease(self, task: BatchTask, job: Callable[[BatchTask], object]) -> None:
         """Run a batch-level job while renewing its lease; give the lease back if it fails."""
         lease = self.config.worker.lease_seconds
 
         async def renew() -> None:
             while True:
                 await asyncio.sleep(lease / 3)
-                if not await work.renew_batch_lease(
-                    self.db, task.batch["id"], task.epoch, time.time() + lease
+                if not await leases.renew_batch_lease(
+                    self.db, task.batch.id, task.epoch, time.time() + lease
                 ):
-                    log.warning("lost lease on batch %s", task.batch["id"])
+                    log.warning("lost lease on batch %s", task.batch.id)
                     job_task.cancel()
                     return
 
@@ -175,7 +183,7 @@ class Worker:
         except Exception:
             # Back off 10 s, 20 s, ... up to 10 min: a store that is down for an hour is not
             # hammered, and the batch carries on by itself once it is back.
-            batch_id = task.batch["id"]
+            batch_id = task.batch.id
             failures = self._task_failures[batch_id] = self._task_failures.get(batch_id, 0) + 1
             delay = min(600.0, 10.0 * 2 ** (failures - 1))
             log.exception(
@@ -187,71 +195,57 @@ class Worker:
             )
             retry_at = time.time() + delay
         else:
-            self._task_failures.pop(task.batch["id"], None)
+            self._task_failures.pop(task.batch.id, None)
         finally:
             renewer.cancel()
         # A no-op when the job already moved the batch on (that bumps nothing but clears the
         # lease); otherwise the batch is free for the next claim at once, or after retry_at.
-        await work.release_batch_lease(self.db, task.batch["id"], task.epoch, retry_at)
+        await leases.release_batch_lease(self.db, task.batch.id, task.epoch, retry_at)
 
-    async def _finalize(self, task: work.BatchTask) -> None:
+    async def _finalize(self, task: BatchTask) -> None:
         if await finalize_batch(self.db, self.blobs, task):
-            log.info("batch %s finalized", task.batch["id"])
+            log.info("batch %s finalized", task.batch.id)
 
-    async def _validate(self, task: work.BatchTask) -> None:
+    async def _validate(self, task: BatchTask) -> None:
         batch = task.batch
         limits = self.config.batches
-        now = lambda: int(time.time())  # noqa: E731
-        source = await get_file_any_project(self.db, batch["input_file_id"])
-        if (
-            source is None
-            or source["project"] != batch["project"]
-            or source["deleted_at"] is not None
-            or (source["expires_at"] is not None and source["expires_at"] <= now())
-        ):
-            error = {
-                "code": "invalid_request",
-                "line": None,
-                "param": "file_id",
-                "message": f"Cannot find file {batch['input_file_id']}, or project {batch['project']} does not have access to it.",
-            }
-            await work.finish_validation(
+        source = await get_file_any_state(self.db, batch.input_file_id)
+        problem = None
+        if source is None or source.project != batch.project or not source.visible(_now()):
+            problem = (
+                "file_id",
+                f"Cannot find file {batch.input_file_id}, or project {batch.project} does not "
+                "have access to it.",
+            )
+        elif source.purpose != FilePurpose.BATCH:
+            problem = (
+                "input_file_id",
+                f"File {source.id} has purpose '{source.purpose}'; a batch needs a file with "
+                "purpose 'batch'.",
+            )
+        if problem is not None:
+            param, message = problem
+            error = {"code": "invalid_request", "line": None, "param": param, "message": message}
+            await finish_validation(
                 self.db,
-                batch["id"],
+                batch.id,
                 task.epoch,
-                now(),
+                _now(),
                 shard_rows=[],
                 total=0,
                 model=None,
                 errors=[error],
             )
             return
-        if source["purpose"] != "batch":
-            error = {
-                "code": "invalid_request",
-                "line": None,
-                "param": "input_file_id",
-                "message": f"File {source['id']} has purpose '{source['purpose']}'; a batch needs a file with purpose 'batch'.",
-            }
-            await work.finish_validation(
-                self.db,
-                batch["id"],
-                task.epoch,
-                now(),
-                shard_rows=[],
-                total=0,
-                model=None,
-                errors=[error],
-            )
-            return
+        assert source is not None
         validator = FileValidator(
-            batch["endpoint"],
+            batch.endpoint,
             lambda m: self.router.route_for(m) is not None,
             limits,
             self.router.served_models(),
         )
         try:
-            async for chunk in self.blobs.iter_chunks(source["blob_key"]):
+            async for chunk in self.blobs.iter_chunks(source.blob_key):
                 validator.feed(chunk)
                 await asyncio.sleep(0)  # let the API answer between chunks
             result = validator.finish()
@@ -260,29 +254,25 @@ class Worker:
         errors = list(result.errors)
         if result.possible_duplicates:
             errors += await confirm_duplicates(
-                self.blobs.iter_chunks(source["blob_key"]), result.possible_duplicates
+                self.blobs.iter_chunks(source.blob_key), result.possible_duplicates
             )
         errors.sort(key=lambda e: (e["line"] is not None, e["line"] or 0))
         errors = errors[: limits.max_errors_reported]
-        shard_rows = [
-            {**s, "batch_id": batch["id"], "status": "pending", "lease_epoch": 0, "committed": 0}
-            for s in result.shards
-        ]
-        model = ",".join(result.models[:5]) or None
-        started = await work.finish_validation(
+        shard_rows = [ShardRow(batch_id=batch.id, **s) for s in result.shards]
+        started = await finish_validation(
             self.db,
-            batch["id"],
+            batch.id,
             task.epoch,
-            now(),
+            _now(),
             shard_rows=shard_rows,
             total=result.total,
-            model=model,
+            model=",".join(result.models[:5]) or None,
             errors=errors or None,
         )
         if started:
             log.info(
                 "batch %s validated: %d requests, %d shards, %d errors",
-                batch["id"],
+                batch.id,
                 result.total,
                 len(shard_rows),
                 len(errors),
@@ -302,3 +292,7 @@ class Worker:
         if now - self._last_leftover_sweep >= cfg.orphan_sweep_seconds:
             self._last_leftover_sweep = now
             await sweeper.sweep_leftovers(self.db, self.blobs, now, cfg.orphan_grace_seconds)
+
+
+def _now() -> int:
+    return int(time.time())

@@ -1,71 +1,31 @@
-"""Batch rows as the API sees them: create, read, list, cancel, and live progress."""
+"""Batch rows: create, read, list, cancel, live progress, and the outcome of validation."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+import orjson
+from sqlalchemy import and_, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from lowtide.store.database import Database
-from lowtide.store.schema import batches, shards
-
-TERMINAL = ("completed", "failed", "expired", "cancelled")
-PRIORITIES = {"high": 4.0, "normal": 1.0, "low": 0.25}  # weights in the fair share
-_PROGRESS_COLUMNS = (
-    "completed",
-    "failed",
-    "input_tokens",
-    "output_tokens",
-    "cached_tokens",
-    "reasoning_tokens",
-)
+from lowtide.store.pages import page
+from lowtide.store.rows import COUNT_COLUMNS, BatchRow, Counts, ShardRow
+from lowtide.store.schema import batches, shard_count_sums, shards
+from lowtide.vocabulary import STOPPABLE, BatchStatus, StopReason
 
 
-def new_batch_row(
-    *,
-    batch_id: str,
-    project: str,
-    endpoint: str,
-    input_file_id: str,
-    completion_window: str,
-    window_seconds: int,
-    now: int,
-    metadata_json: str | None = None,
-    output_expires_seconds: int | None = None,
-    priority: str = "normal",
-    idempotency_key: str | None = None,
-) -> dict[str, Any]:
-    """A freshly created batch, waiting for a worker to validate it."""
-    zeros = dict.fromkeys(("total", *_PROGRESS_COLUMNS, "lease_epoch"), 0)
-    return {
-        "id": batch_id,
-        "project": project,
-        "endpoint": endpoint,
-        "input_file_id": input_file_id,
-        "completion_window": completion_window,
-        "status": "validating",
-        "created_at": now,
-        "expires_at": now + window_seconds,
-        "metadata": metadata_json,
-        "output_expires_seconds": output_expires_seconds,
-        "priority": priority,
-        "idempotency_key": idempotency_key,
-        **zeros,
-    }
-
-
-async def insert_batch(db: Database, row: dict[str, Any]) -> dict[str, Any] | None:
+async def insert_batch(db: Database, row: BatchRow) -> BatchRow | None:
     """Insert the row; if its idempotency key is already taken, return that batch instead."""
-    key = row.get("idempotency_key")
+    key = row.idempotency_key
     same_key = select(batches).where(
-        batches.c.project == row["project"], batches.c.idempotency_key == key
+        batches.c.project == row.project, batches.c.idempotency_key == key
     )
     try:
         async with db.write() as conn:
             if key is not None and (existing := (await conn.execute(same_key)).first()):
-                return dict(existing._mapping)
-            await conn.execute(insert(batches).values(**row))
+                return BatchRow.from_row(existing)
+            await conn.execute(insert(batches).values(**row.values()))
     except IntegrityError:
         if key is None:
             raise
@@ -74,58 +34,47 @@ async def insert_batch(db: Database, row: dict[str, Any]) -> dict[str, Any] | No
             existing = (await conn.execute(same_key)).first()
         if existing is None:
             raise
-        return dict(existing._mapping)
+        return BatchRow.from_row(existing)
     return None
 
 
-async def get_batch(db: Database, project: str, batch_id: str) -> dict[str, Any] | None:
+async def get_batch(db: Database, project: str, batch_id: str) -> BatchRow | None:
     async with db.read() as conn:
         row = (
             await conn.execute(
                 select(batches).where(batches.c.id == batch_id, batches.c.project == project)
             )
         ).first()
-    return dict(row._mapping) if row else None
+    return BatchRow.from_row(row) if row else None
 
 
 async def list_batches(
     db: Database, project: str, *, limit: int, after: str | None
-) -> tuple[list[dict[str, Any]], bool]:
+) -> tuple[list[BatchRow], bool]:
+    """Newest first."""
     query = select(batches).where(batches.c.project == project)
-    async with db.read() as conn:
-        if after:
-            cursor = (
-                await conn.execute(
-                    select(batches.c.seq).where(batches.c.id == after, batches.c.project == project)
-                )
-            ).scalar()
-            if cursor is None:  # unknown cursor: an empty last page, never a restart
-                return [], False
-            if cursor is not None:
-                query = query.where(batches.c.seq < cursor)
-        rows = (await conn.execute(query.order_by(batches.c.seq.desc()).limit(limit + 1))).all()
-    return [dict(r._mapping) for r in rows[:limit]], len(rows) > limit
+    rows, has_more = await page(
+        db, batches, query, project=project, after=after, limit=limit, ascending=False
+    )
+    return [BatchRow.from_row(r) for r in rows], has_more
 
 
-async def live_progress(db: Database, batch_ids: list[str]) -> dict[str, dict[str, int]]:
+async def live_counts(db: Database, batch_ids: list[str]) -> dict[str, Counts]:
     """Counts and usage committed so far, summed over each running batch's shards."""
     if not batch_ids:
         return {}
-    columns = [func.coalesce(func.sum(shards.c[name]), 0).label(name) for name in _PROGRESS_COLUMNS]
     async with db.read() as conn:
         rows = (
             await conn.execute(
-                select(shards.c.batch_id, *columns)
+                select(shards.c.batch_id, *shard_count_sums())
                 .where(shards.c.batch_id.in_(batch_ids))
                 .group_by(shards.c.batch_id)
             )
         ).all()
-    return {r.batch_id: {name: int(getattr(r, name)) for name in _PROGRESS_COLUMNS} for r in rows}
+    return {r.batch_id: Counts(*(int(getattr(r, n)) for n in COUNT_COLUMNS)) for r in rows}
 
 
-async def request_cancel(
-    db: Database, project: str, batch_id: str, now: int
-) -> dict[str, Any] | None:
+async def request_cancel(db: Database, project: str, batch_id: str, now: int) -> BatchRow | None:
     """Move a running batch to cancelling; returns the row as it is afterwards."""
     async with db.write() as conn:
         await conn.execute(
@@ -133,14 +82,71 @@ async def request_cancel(
             .where(
                 batches.c.id == batch_id,
                 batches.c.project == project,
-                batches.c.status.in_(("validating", "in_progress")),
+                batches.c.status.in_(STOPPABLE),
                 batches.c.stop_reason.is_(None),  # an expired batch stays expired
             )
-            .values(status="cancelling", cancelling_at=now, stop_reason="cancelled")
+            .values(
+                status=BatchStatus.CANCELLING, cancelling_at=now, stop_reason=StopReason.CANCELLED
+            )
         )
         row = (
             await conn.execute(
                 select(batches).where(batches.c.id == batch_id, batches.c.project == project)
             )
         ).first()
-    return dict(row._mapping) if row else None
+    return BatchRow.from_row(row) if row else None
+
+
+async def stopped_among(db: Database, batch_ids: list[str]) -> list[str]:
+    """Which of these batches were cancelled or expired since their shards were claimed."""
+    if not batch_ids:
+        return []
+    async with db.read() as conn:
+        rows = await conn.execute(
+            select(batches.c.id).where(
+                batches.c.id.in_(batch_ids), batches.c.stop_reason.is_not(None)
+            )
+        )
+        return [r.id for r in rows]
+
+
+async def finish_validation(
+    db: Database,
+    batch_id: str,
+    epoch: int,
+    now: int,
+    *,
+    shard_rows: list[ShardRow],
+    total: int,
+    model: str | None,
+    errors: list[dict[str, Any]] | None,
+) -> bool:
+    """Store the shard plan and start the batch, or fail it with its errors, in one step."""
+    guard = and_(
+        batches.c.id == batch_id,
+        batches.c.lease_epoch == epoch,
+        batches.c.status == BatchStatus.VALIDATING,
+        batches.c.stop_reason.is_(None),
+    )
+    release = {"lease_owner": None, "lease_expires_at": None}
+    if errors:
+        values: dict[str, Any] = {
+            "status": BatchStatus.FAILED,
+            "failed_at": now,
+            "errors": orjson.dumps({"object": "list", "data": errors}).decode(),
+        }
+    else:
+        values = {
+            "status": BatchStatus.IN_PROGRESS,
+            "in_progress_at": now,
+            "total": total,
+            "model": model,
+        }
+    async with db.write() as conn:
+        result = await conn.execute(update(batches).where(guard).values(**values, **release))
+        if result.rowcount != 1:
+            return False
+        for start in range(0, len(shard_rows), 500):
+            chunk = shard_rows[start : start + 500]
+            await conn.execute(insert(shards), [s.values() for s in chunk])
+    return True

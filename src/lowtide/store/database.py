@@ -8,6 +8,7 @@ PostgreSQL needs none of this and uses one ordinary pool.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -71,6 +72,9 @@ class Database:
 
     def upgrade(self) -> None:
         """Bring the schema to the newest migration (safe to run on every start)."""
+        # Alembic narrates every start, from its import on (plugin setup, "will assume
+        # transactional DDL"): keep its warnings and errors only.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
         from lowtide.store.migrate import upgrade
 
         upgrade(_sync_url(self.url))

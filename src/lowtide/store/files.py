@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlalchemy import and_, delete, exists, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from lowtide.store.database import Database
+from lowtide.store.pages import page
+from lowtide.store.rows import FileRow
 from lowtide.store.schema import batches, files
-
-_UNFINISHED = ("validating", "in_progress", "finalizing", "cancelling")
+from lowtide.vocabulary import UNFINISHED
 
 
 def _visible(now: int):  # type: ignore[no-untyped-def]
@@ -19,11 +18,17 @@ def _visible(now: int):  # type: ignore[no-untyped-def]
     )
 
 
-async def insert_file(conn: AsyncConnection, row: dict[str, Any]) -> None:
-    await conn.execute(insert(files).values(**row))
+async def insert_file(conn: AsyncConnection, row: FileRow) -> None:
+    await conn.execute(insert(files).values(**row.values()))
 
 
-async def get_file(db: Database, project: str, file_id: str, now: int) -> dict[str, Any] | None:
+async def add_file(db: Database, row: FileRow) -> None:
+    async with db.write() as conn:
+        await insert_file(conn, row)
+
+
+async def get_file(db: Database, project: str, file_id: str, now: int) -> FileRow | None:
+    """The file if `project` owns it and it is neither deleted nor expired."""
     async with db.read() as conn:
         row = (
             await conn.execute(
@@ -32,7 +37,14 @@ async def get_file(db: Database, project: str, file_id: str, now: int) -> dict[s
                 )
             )
         ).first()
-    return dict(row._mapping) if row else None
+    return FileRow.from_row(row) if row else None
+
+
+async def get_file_any_state(db: Database, file_id: str) -> FileRow | None:
+    """The row even if deleted or expired, of any project: for workers, never for clients."""
+    async with db.read() as conn:
+        row = (await conn.execute(select(files).where(files.c.id == file_id))).first()
+    return FileRow.from_row(row) if row else None
 
 
 async def list_files(
@@ -44,25 +56,14 @@ async def list_files(
     limit: int,
     after: str | None,
     ascending: bool,
-) -> tuple[list[dict[str, Any]], bool]:
+) -> tuple[list[FileRow], bool]:
     query = select(files).where(files.c.project == project, _visible(now))
     if purpose:
         query = query.where(files.c.purpose == purpose)
-    async with db.read() as conn:
-        if after:
-            cursor = (
-                await conn.execute(
-                    select(files.c.seq).where(files.c.id == after, files.c.project == project)
-                )
-            ).scalar()
-            if cursor is None:  # unknown cursor: an empty last page, never a restart
-                return [], False
-            if cursor is not None:
-                query = query.where(files.c.seq > cursor if ascending else files.c.seq < cursor)
-        order = files.c.seq.asc() if ascending else files.c.seq.desc()
-        rows = (await conn.execute(query.order_by(order).limit(limit + 1))).all()
-    items = [dict(r._mapping) for r in rows[:limit]]
-    return items, len(rows) > limit
+    rows, has_more = await page(
+        db, files, query, project=project, after=after, limit=limit, ascending=ascending
+    )
+    return [FileRow.from_row(r) for r in rows], has_more
 
 
 async def soft_delete(db: Database, project: str, file_id: str, now: int) -> bool:
@@ -77,9 +78,7 @@ async def soft_delete(db: Database, project: str, file_id: str, now: int) -> boo
 
 async def take_removable(db: Database, now: int, limit: int = 500) -> list[str]:
     """Delete rows of expired or deleted files that no unfinished batch reads; return blob keys."""
-    in_use = exists().where(
-        batches.c.input_file_id == files.c.id, batches.c.status.in_(_UNFINISHED)
-    )
+    in_use = exists().where(batches.c.input_file_id == files.c.id, batches.c.status.in_(UNFINISHED))
     gone = or_(files.c.deleted_at.is_not(None), files.c.expires_at <= now)
     async with db.write() as conn:
         rows = (
@@ -92,24 +91,16 @@ async def take_removable(db: Database, now: int, limit: int = 500) -> list[str]:
     return [r.blob_key for r in rows]
 
 
-async def blob_key_any(db: Database, file_id: str) -> str:
+async def known_file_ids(db: Database, file_ids: list[str]) -> set[str]:
+    """Which of `file_ids` still have a row, deleted or not (the sweeper keeps their blobs)."""
+    async with db.read() as conn:
+        rows = await conn.execute(select(files.c.id).where(files.c.id.in_(file_ids)))
+        return {r.id for r in rows}
+
+
+async def blob_key_of(db: Database, file_id: str) -> str:
     """The blob of a file even if it was deleted after a batch started reading it."""
-    async with db.read() as conn:
-        key = (await conn.execute(select(files.c.blob_key).where(files.c.id == file_id))).scalar()
-    if key is None:
+    row = await get_file_any_state(db, file_id)
+    if row is None:
         raise LookupError(f"file {file_id} has no row")
-    return key
-
-
-async def get_file_any_project(db: Database, file_id: str) -> dict[str, Any] | None:
-    async with db.read() as conn:
-        row = (await conn.execute(select(files).where(files.c.id == file_id))).first()
-    return dict(row._mapping) if row else None
-
-
-async def known_blob_keys(db: Database, keys: list[str]) -> set[str]:
-    """Which of `keys` ("files/<file id>") a file row, deleted or not, still names."""
-    ids = [k.rsplit("/", 1)[-1] for k in keys]
-    async with db.read() as conn:
-        rows = await conn.execute(select(files.c.blob_key).where(files.c.id.in_(ids)))
-        return {r.blob_key for r in rows}
+    return row.blob_key

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -12,9 +14,26 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    func,
 )
 
+from lowtide.store.rows import COUNT_COLUMNS
+
 metadata = MetaData()
+
+
+def _count_columns(lines_type: type[Integer]) -> list[Column[int]]:
+    """Line counts (`lines_type`) and token sums: one set per shard, one per finished batch."""
+    return [
+        Column(
+            name,
+            lines_type if name in ("completed", "failed") else BigInteger,
+            nullable=False,
+            default=0,
+        )
+        for name in COUNT_COLUMNS
+    ]
+
 
 files = Table(
     "files",
@@ -60,18 +79,13 @@ batches = Table(
     Column("metadata", Text),
     Column("output_expires_seconds", BigInteger),
     Column("model", Text),
-    # Why the batch must stop early: 'cancelled' or 'expired'; null while it may run on.
+    # Why the batch must stop early (a StopReason); null while it may run on.
     Column("stop_reason", String(16)),
     # Share of the engines relative to other batches: 'high' | 'normal' | 'low' (from metadata).
     Column("priority", String(8), nullable=False, server_default="normal"),
     Column("total", BigInteger, nullable=False, default=0),
     # Final counts and usage, written once at finalize; while running they are summed from shards.
-    Column("completed", BigInteger, nullable=False, default=0),
-    Column("failed", BigInteger, nullable=False, default=0),
-    Column("input_tokens", BigInteger, nullable=False, default=0),
-    Column("output_tokens", BigInteger, nullable=False, default=0),
-    Column("cached_tokens", BigInteger, nullable=False, default=0),
-    Column("reasoning_tokens", BigInteger, nullable=False, default=0),
+    *_count_columns(BigInteger),
     # Lease for the batch-level tasks (validation, finalize): owner, expiry, fencing number.
     Column("lease_owner", String(64)),
     Column("lease_expires_at", Float),
@@ -93,18 +107,13 @@ shards = Table(
     Column("first_line", BigInteger, nullable=False),
     Column("byte_start", BigInteger, nullable=False),
     Column("byte_end", BigInteger, nullable=False),
-    Column("status", String(16), nullable=False),  # pending | running | done
+    Column("status", String(16), nullable=False),  # a ShardStatus
     Column("lease_owner", String(64)),
     Column("lease_expires_at", Float),
     Column("lease_epoch", BigInteger, nullable=False, default=0),
     # Requests [0, committed) of this shard have results in committed segments.
     Column("committed", Integer, nullable=False, default=0),
-    Column("completed", Integer, nullable=False, default=0),
-    Column("failed", Integer, nullable=False, default=0),
-    Column("input_tokens", BigInteger, nullable=False, default=0),
-    Column("output_tokens", BigInteger, nullable=False, default=0),
-    Column("cached_tokens", BigInteger, nullable=False, default=0),
-    Column("reasoning_tokens", BigInteger, nullable=False, default=0),
+    *_count_columns(Integer),
     Index("ix_shards_status", "status", "batch_id"),
 )
 
@@ -117,3 +126,8 @@ segments = Table(
     Column("count", Integer, nullable=False),
     Column("blob_key", Text, nullable=False),
 )
+
+
+def shard_count_sums() -> list[Any]:
+    """SUM of each count column over shards (0 where none): a batch's counts while it runs."""
+    return [func.coalesce(func.sum(shards.c[name]), 0).label(name) for name in COUNT_COLUMNS]

@@ -1,0 +1,15 @@
+"""The use cases, once: every face (OpenAI API, CLI, and later ones) calls these and nothing below."""
+
+from lowtide.service.batches import BatchService, BatchView
+from lowtide.service.files import FileService, FileUpload
+from lowtide.store.rows import BatchRow, Counts, FileRow
+
+__all__ = [
+    "BatchRow",
+    "BatchService",
+    "BatchView",
+    "Counts",
+    "FileRow",
+    "FileService",
+    "FileUpload",
+]

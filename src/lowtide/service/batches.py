@@ -1,0 +1,262 @@
+"""Batches: create (with every check a client can fail), retrieve, list, cancel, results."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from lowtide.blobs import BlobStore
+from lowtide.config import BatchLimits, parse_duration
+from lowtide.errors import ApiError
+from lowtide.ids import new_batch_id
+from lowtide.runner.validation import first_request_url
+from lowtide.service import results
+from lowtide.store import batches as batch_store
+from lowtide.store.database import Database
+from lowtide.store.files import get_file
+from lowtide.store.rows import BatchRow, Counts
+from lowtide.vocabulary import (
+    DEFAULT_PRIORITY,
+    ENDPOINTS,
+    PRIORITIES,
+    TERMINAL,
+    BatchStatus,
+)
+
+_MIN_TTL, _MAX_TTL = 3600, 2_592_000  # output_expires_after.seconds: 1 hour to 30 days
+
+
+@dataclass(slots=True)
+class BatchView:
+    """A batch as clients see it: its row, and its counts (live while it runs, final after)."""
+
+    row: BatchRow
+    counts: Counts
+
+    @property
+    def lines_per_second(self) -> float | None:
+        done = self.counts.completed + self.counts.failed
+        started = self.row.in_progress_at
+        running = self.row.status in (BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING)
+        if not (running and started and done):
+            return None
+        return done / max(time.time() - started, 1e-3)
+
+    @property
+    def estimated_finish_at(self) -> int | None:
+        rate = self.lines_per_second
+        if not rate:
+            return None
+        left = self.row.total - self.counts.completed - self.counts.failed
+        return int(time.time() + left / rate)
+
+
+class BatchService:
+    def __init__(
+        self, db: Database, blobs: BlobStore, limits: BatchLimits, wake: Callable[[], None]
+    ) -> None:
+        self._db = db
+        self._blobs = blobs
+        self._limits = limits
+        self._wake = wake
+
+    async def create(
+        self,
+        project: str,
+        *,
+        input_file_id: str,
+        endpoint: str,
+        completion_window: str,
+        metadata: dict[str, Any] | None = None,
+        output_expires_after: tuple[str, int] | None = None,
+        idempotency_key: str | None = None,
+    ) -> BatchView:
+        """A new batch waiting for validation; with a known idempotency key, the first one."""
+        if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
+            raise ApiError(
+                400,
+                "The Idempotency-Key header must be 1 to 255 characters long.",
+                param="Idempotency-Key",
+                code="invalid_value",
+            )
+        _check_endpoint(endpoint)
+        window = self._window_seconds(completion_window)
+        _check_metadata(metadata)
+        now = int(time.time())
+        row = BatchRow(
+            id=new_batch_id(),
+            project=project,
+            endpoint=endpoint,
+            input_file_id=input_file_id,
+            completion_window=completion_window,
+            status=BatchStatus.VALIDATING,
+            created_at=now,
+            expires_at=now + window,
+            metadata=orjson.dumps(metadata).decode() if metadata is not None else None,
+            output_expires_seconds=_output_ttl(output_expires_after),
+            priority=(metadata or {}).get("priority", DEFAULT_PRIORITY),
+            idempotency_key=idempotency_key,
+        )
+        earlier = await batch_store.insert_batch(self._db, row)
+        if earlier is None:
+            self._wake()
+            return BatchView(row, Counts())
+        asked = (input_file_id, endpoint, completion_window)
+        if (earlier.input_file_id, earlier.endpoint, earlier.completion_window) != asked:
+            raise ApiError(
+                409,
+                f"Idempotency-Key {idempotency_key!r} was already used for batch {earlier.id} "
+                "with different parameters; use a new key for a new batch.",
+                param="Idempotency-Key",
+                code="idempotency_key_reused",
+                headers={"x-should-retry": "false"},
+            )
+        return (await self._views([earlier]))[0]
+
+    async def get(self, project: str, batch_id: str) -> BatchView:
+        return (await self._views([await self._row(project, batch_id)]))[0]
+
+    async def list(
+        self, project: str, *, after: str | None, limit: int
+    ) -> tuple[list[BatchView], bool]:
+        """Newest first."""
+        rows, has_more = await batch_store.list_batches(self._db, project, limit=limit, after=after)
+        return await self._views(rows), has_more
+
+    async def cancel(self, project: str, batch_id: str) -> BatchView:
+        """No new line starts after this; lines already sent may finish (cancel_grace_seconds)."""
+        row = await batch_store.request_cancel(self._db, project, batch_id, int(time.time()))
+        if row is None:
+            raise batch_not_found(batch_id)
+        if row.status not in (BatchStatus.CANCELLING, BatchStatus.CANCELLED):
+            raise ApiError(
+                409,
+                f"Cannot cancel a batch with status '{row.status}'.",
+                headers={"x-should-retry": "false"},
+            )
+        self._wake()
+        return (await self._views([row]))[0]
+
+    async def results(
+        self, project: str, batch_id: str, *, output: bool, errors: bool
+    ) -> AsyncIterator[bytes]:
+        """Result lines committed so far (in input order), or the files of an ended batch."""
+        row = await self._row(project, batch_id)
+        if row.status in TERMINAL:
+            return await results.published(self._db, self._blobs, row, output=output, errors=errors)
+        return results.committed(self._db, self._blobs, row.id, output=output, errors=errors)
+
+    async def endpoint_of_file(self, project: str, file_id: str) -> str | None:
+        """The `url` of the file's first request line: the endpoint a batch of it most likely wants."""
+        row = await get_file(self._db, project, file_id, int(time.time()))
+        if row is None:
+            return None
+        return await first_request_url(self._blobs.iter_chunks(row.blob_key))
+
+    async def _row(self, project: str, batch_id: str) -> BatchRow:
+        row = await batch_store.get_batch(self._db, project, batch_id)
+        if row is None:
+            raise batch_not_found(batch_id)
+        return row
+
+    async def _views(self, rows: list[BatchRow]) -> list[BatchView]:
+        running = [r.id for r in rows if r.status not in TERMINAL]
+        live = await batch_store.live_counts(self._db, running)
+        return [
+            BatchView(r, r.counts() if r.status in TERMINAL else live.get(r.id, Counts()))
+            for r in rows
+        ]
+
+    def _window_seconds(self, value: str) -> int:
+        limits = self._limits
+        low = parse_duration(limits.min_completion_window)
+        high = parse_duration(limits.max_completion_window)
+        try:
+            seconds = parse_duration(value)
+        except ValueError:
+            seconds = -1
+        if not low <= seconds <= high:
+            raise ApiError(
+                400,
+                f"Invalid value for 'completion_window': {value!r}. Use a duration such as '24h' "
+                f"between {limits.min_completion_window} and {limits.max_completion_window}.",
+                param="completion_window",
+                code="invalid_value",
+            )
+        return int(seconds)
+
+
+def batch_not_found(batch_id: str) -> ApiError:
+    return ApiError(404, f"No batch found with id '{batch_id}'.", param="batch_id")
+
+
+def _check_endpoint(endpoint: str) -> None:
+    if endpoint not in ENDPOINTS:
+        allowed = ", ".join(f"'{e}'" for e in ENDPOINTS)
+        raise ApiError(
+            400,
+            f"Invalid value: '{endpoint}'. Supported values are: {allowed}.",
+            param="endpoint",
+            code="invalid_value",
+        )
+
+
+def _output_ttl(output_expires_after: tuple[str, int] | None) -> int | None:
+    if output_expires_after is None:
+        return None
+    anchor, seconds = output_expires_after
+    if anchor != "created_at":
+        raise ApiError(
+            400,
+            "Invalid value for 'output_expires_after.anchor': only 'created_at' is supported.",
+            param="output_expires_after.anchor",
+            code="invalid_value",
+        )
+    if not _MIN_TTL <= seconds <= _MAX_TTL:
+        raise ApiError(
+            400,
+            f"Invalid value for 'output_expires_after.seconds': must be between {_MIN_TTL} and "
+            f"{_MAX_TTL}.",
+            param="output_expires_after.seconds",
+            code="invalid_value",
+        )
+    return seconds
+
+
+_JSON_KINDS = {list: "an array", dict: "an object", bool: "a boolean", int: "an integer"}
+
+
+def _check_metadata(metadata: dict[str, Any] | None) -> None:
+    if metadata is None:
+        return
+    if len(metadata) > 16:
+        raise _bad_metadata("metadata", "at most 16 key-value pairs are allowed.")
+    for key, value in metadata.items():
+        if len(key) > 64:
+            raise _bad_metadata(
+                f"metadata.{key[:64]}", f"key {key[:70]!r} is longer than 64 characters."
+            )
+        if not isinstance(value, str):
+            kind = _JSON_KINDS.get(type(value), "a number" if isinstance(value, float) else "null")
+            raise ApiError(
+                400,
+                f"Invalid type for 'metadata.{key}': expected a string, but got {kind} instead.",
+                param=f"metadata.{key}",
+                code="invalid_type",
+            )
+        if key == "priority" and value not in PRIORITIES:
+            raise _bad_metadata(
+                "metadata.priority", f"{value!r}. Use one of 'high', 'normal', 'low'."
+            )
+        if len(value) > 512:
+            raise _bad_metadata(
+                f"metadata.{key}", "string too long. Expected at most 512 characters."
+            )
+
+
+def _bad_metadata(param: str, problem: str) -> ApiError:
+    return ApiError(400, f"Invalid '{param}': {problem}", param=param, code="invalid_value")

@@ -1,0 +1,321 @@
+"""Claims and leases with fencing numbers: who works on which batch task and which shard.
+
+Every claim is a compare-and-set on a row's `lease_epoch`, so it is safe with any number of
+workers on one database. A worker writes only while the epoch it claimed is still the row's
+epoch: a worker that was paused past its lease wakes up to find the epoch moved on and its
+writes refused. A lease nobody holds may still have an expiry: that is a back-off, and nobody
+claims the row before then.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import and_, case, exists, func, or_, select, tuple_, update
+
+from lowtide.store.database import Database
+from lowtide.store.rows import BatchRow
+from lowtide.store.schema import batches, shards
+from lowtide.vocabulary import STOPPABLE, BatchStatus, ShardStatus, StopReason
+
+
+class TaskKind(StrEnum):
+    VALIDATE = "validate"
+    FINALIZE = "finalize"
+
+
+@dataclass(slots=True)
+class BatchTask:
+    batch: BatchRow
+    kind: TaskKind
+    epoch: int
+
+
+@dataclass(slots=True)
+class ShardClaim:
+    batch_id: str
+    idx: int
+    epoch: int
+    first_request: int
+    request_count: int
+    first_line: int
+    byte_start: int
+    byte_end: int
+    committed: int
+    endpoint: str
+    input_file_id: str
+    priority: str = "normal"
+    created_at: int = 0
+    expires_at: int = 0
+
+
+class LeaseState(StrEnum):
+    HELD = "held"
+    LOST = "lost"  # another worker took the shard over: write nothing more
+    STOP = "stop"  # the batch was cancelled or expired: finish what is in flight, hand back
+
+
+def _free(table, now: float):  # type: ignore[no-untyped-def]
+    return or_(table.c.lease_expires_at.is_(None), table.c.lease_expires_at < now)
+
+
+def _live_shard(now: float):  # type: ignore[no-untyped-def]
+    return exists().where(
+        shards.c.batch_id == batches.c.id,
+        shards.c.status == ShardStatus.RUNNING,
+        shards.c.lease_expires_at >= now,
+    )
+
+
+async def mark_expired(db: Database, now: float) -> list[str]:
+    """Flag batches whose completion window has closed; their shards stop and finalize runs."""
+    every_shard_done = ~exists().where(
+        shards.c.batch_id == batches.c.id, shards.c.status != ShardStatus.DONE
+    )
+    due = and_(
+        batches.c.status.in_(STOPPABLE),
+        batches.c.stop_reason.is_(None),
+        batches.c.expires_at <= int(now),
+        # a batch whose every line finished completes, even if finalize has not started yet
+        ~and_(batches.c.status == BatchStatus.IN_PROGRESS, every_shard_done),
+    )
+    async with db.write() as conn:
+        ids = list((await conn.execute(select(batches.c.id).where(due))).scalars())
+        if ids:
+            await conn.execute(
+                update(batches)
+                .where(batches.c.id.in_(ids), due)
+                .values(stop_reason=StopReason.EXPIRED)
+            )
+    return ids
+
+
+async def claim_batch_task(db: Database, worker: str, now: float, lease: float) -> BatchTask | None:
+    """Claim one batch that needs validating or finalizing."""
+    unfinished_shard = exists().where(
+        shards.c.batch_id == batches.c.id, shards.c.status != ShardStatus.DONE
+    )
+    stopped = batches.c.stop_reason.is_not(None)
+    validate = and_(batches.c.status == BatchStatus.VALIDATING, ~stopped)
+    finalize = or_(
+        and_(batches.c.status == BatchStatus.VALIDATING, stopped),
+        and_(
+            batches.c.status.in_((BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING)),
+            stopped,
+            ~_live_shard(now),
+        ),
+        and_(batches.c.status == BatchStatus.IN_PROGRESS, ~stopped, ~unfinished_shard),
+        batches.c.status == BatchStatus.FINALIZING,
+    )
+    async with db.write() as conn:
+        row = (
+            await conn.execute(
+                select(batches)
+                .where(_free(batches, now), or_(validate, finalize))
+                .order_by(batches.c.seq)
+                .limit(1)
+            )
+        ).first()
+        if row is None:
+            return None
+        batch = BatchRow.from_row(row)
+        validating = batch.status == BatchStatus.VALIDATING and batch.stop_reason is None
+        kind = TaskKind.VALIDATE if validating else TaskKind.FINALIZE
+        epoch = batch.lease_epoch + 1
+        values: dict[str, Any] = {
+            "lease_owner": worker,
+            "lease_expires_at": now + lease,
+            "lease_epoch": epoch,
+        }
+        if kind == TaskKind.FINALIZE and batch.status in STOPPABLE:
+            values.update(status=BatchStatus.FINALIZING, finalizing_at=int(now))
+        result = await conn.execute(
+            update(batches)
+            .where(batches.c.id == batch.id, batches.c.lease_epoch == batch.lease_epoch)
+            .values(**values)
+        )
+        if result.rowcount != 1:
+            return None
+        if kind == TaskKind.FINALIZE:
+            # Fence out any shard worker still holding a lease on this batch.
+            await conn.execute(
+                update(shards)
+                .where(shards.c.batch_id == batch.id, shards.c.status == ShardStatus.RUNNING)
+                .values(
+                    status=ShardStatus.PENDING,
+                    lease_owner=None,
+                    lease_epoch=shards.c.lease_epoch + 1,
+                )
+            )
+        for name, value in values.items():
+            setattr(batch, name, value)
+    return BatchTask(batch=batch, kind=kind, epoch=epoch)
+
+
+async def renew_batch_lease(db: Database, batch_id: str, epoch: int, until: float) -> bool:
+    async with db.write() as conn:
+        result = await conn.execute(
+            update(batches)
+            .where(batches.c.id == batch_id, batches.c.lease_epoch == epoch)
+            .values(lease_expires_at=until)
+        )
+    return result.rowcount == 1
+
+
+async def release_batch_lease(
+    db: Database, batch_id: str, epoch: int, retry_at: float | None = None
+) -> None:
+    """Give the batch task back; with `retry_at`, nobody takes it again before then."""
+    async with db.write() as conn:
+        await conn.execute(
+            update(batches)
+            .where(batches.c.id == batch_id, batches.c.lease_epoch == epoch)
+            .values(lease_owner=None, lease_expires_at=retry_at)
+        )
+
+
+async def claim_shards(
+    db: Database,
+    worker: str,
+    now: float,
+    lease: float,
+    limit: int,
+    *,
+    idle_batches_only: bool = False,
+) -> list[ShardClaim]:
+    """Claim up to `limit` runnable shards: every batch's first shard before any batch's second.
+
+    Among shards of equal rank, higher priority goes first, then the batch whose completion
+    window closes first. With `idle_batches_only`, only batches with no shard running anywhere
+    are considered: that is how a new batch gets a worker even while a big one fills them all.
+    """
+    claimable = and_(
+        # pending (and not backing off), or running under a lease that has run out
+        shards.c.status.in_((ShardStatus.PENDING, ShardStatus.RUNNING)),
+        _free(shards, now),
+        batches.c.status == BatchStatus.IN_PROGRESS,
+        batches.c.stop_reason.is_(None),
+    )
+    if idle_batches_only:
+        running = shards.alias("running")
+        claimable = and_(
+            claimable,
+            ~exists().where(
+                running.c.batch_id == shards.c.batch_id,
+                running.c.status == ShardStatus.RUNNING,
+                running.c.lease_expires_at >= now,
+            ),
+        )
+    rank = func.row_number().over(partition_by=shards.c.batch_id, order_by=shards.c.idx)
+    urgency = case((batches.c.priority == "high", 0), (batches.c.priority == "low", 2), else_=1)
+    ranked = (
+        select(
+            shards,
+            batches.c.endpoint,
+            batches.c.input_file_id,
+            batches.c.seq,
+            batches.c.priority,
+            batches.c.created_at,
+            batches.c.expires_at,
+            urgency.label("urgency"),
+            rank.label("rank"),
+        )
+        .join(batches, batches.c.id == shards.c.batch_id)
+        .where(claimable)
+        .subquery()
+    )
+    query = (
+        select(ranked)
+        .where(ranked.c.rank <= (1 if idle_batches_only else limit))
+        .order_by(ranked.c.rank, ranked.c.urgency, ranked.c.expires_at, ranked.c.seq)
+        .limit(limit * 4)
+    )
+    claims: list[ShardClaim] = []
+    async with db.write() as conn:
+        candidates = (await conn.execute(query)).all()
+        if candidates and not db.is_sqlite:
+            # PostgreSQL: skip shards another worker is claiming right now instead of queueing
+            # behind its row locks (SQLite has one writer at a time anyway).
+            keys = [(r.batch_id, r.idx) for r in candidates]
+            lock = (
+                select(shards.c.batch_id, shards.c.idx)
+                .where(tuple_(shards.c.batch_id, shards.c.idx).in_(keys))
+                .with_for_update(skip_locked=True)
+            )
+            free = {(r.batch_id, r.idx) for r in (await conn.execute(lock)).all()}
+            candidates = [r for r in candidates if (r.batch_id, r.idx) in free]
+        for row in candidates:
+            if len(claims) >= limit:
+                break
+            epoch = row.lease_epoch + 1
+            result = await conn.execute(
+                update(shards)
+                .where(
+                    shards.c.batch_id == row.batch_id,
+                    shards.c.idx == row.idx,
+                    shards.c.lease_epoch == row.lease_epoch,
+                )
+                .values(
+                    status=ShardStatus.RUNNING,
+                    lease_owner=worker,
+                    lease_expires_at=now + lease,
+                    lease_epoch=epoch,
+                )
+            )
+            if result.rowcount == 1:
+                claims.append(
+                    ShardClaim(
+                        batch_id=row.batch_id,
+                        idx=row.idx,
+                        epoch=epoch,
+                        first_request=row.first_request,
+                        request_count=row.request_count,
+                        first_line=row.first_line,
+                        byte_start=row.byte_start,
+                        byte_end=row.byte_end,
+                        committed=row.committed,
+                        endpoint=row.endpoint,
+                        input_file_id=row.input_file_id,
+                        priority=row.priority,
+                        created_at=row.created_at,
+                        expires_at=row.expires_at or 0,
+                    )
+                )
+    return claims
+
+
+async def renew_shard_lease(db: Database, claim: ShardClaim, until: float) -> LeaseState:
+    """Extend the lease, and say whether the batch wants its shards to stop."""
+    async with db.write() as conn:
+        result = await conn.execute(
+            update(shards)
+            .where(
+                shards.c.batch_id == claim.batch_id,
+                shards.c.idx == claim.idx,
+                shards.c.lease_epoch == claim.epoch,
+            )
+            .values(lease_expires_at=until)
+        )
+        if result.rowcount != 1:
+            return LeaseState.LOST
+        stop = (
+            await conn.execute(select(batches.c.stop_reason).where(batches.c.id == claim.batch_id))
+        ).scalar()
+    return LeaseState.STOP if stop else LeaseState.HELD
+
+
+async def release_shard(db: Database, claim: ShardClaim, retry_at: float | None = None) -> None:
+    """Hand a shard back so another worker (or finalize) can take it; not before `retry_at`."""
+    async with db.write() as conn:
+        await conn.execute(
+            update(shards)
+            .where(
+                shards.c.batch_id == claim.batch_id,
+                shards.c.idx == claim.idx,
+                shards.c.lease_epoch == claim.epoch,
+                shards.c.status == ShardStatus.RUNNING,
+            )
+            .values(status=ShardStatus.PENDING, lease_owner=None, lease_expires_at=retry_at)
+        )

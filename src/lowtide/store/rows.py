@@ -1,0 +1,139 @@
+"""Rows as typed records: what the store hands up and takes back, field for column."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Self
+
+from sqlalchemy.engine import Row
+
+from lowtide.vocabulary import DEFAULT_PRIORITY, BatchStatus, ShardStatus, StopReason
+
+
+@dataclass(slots=True)
+class Counts:
+    """Lines and tokens: summed over a segment, a shard, or a whole batch."""
+
+    completed: int = 0
+    failed: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+COUNT_COLUMNS = tuple(f.name for f in fields(Counts))
+
+
+class _Record:
+    """from_row / values shared by every row type (columns and fields have the same names)."""
+
+    __slots__ = ()
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> Self:
+        return cls(**row._mapping)
+
+    def values(self) -> dict[str, Any]:
+        """Column values for an insert; `seq` is left to the database."""
+        names = (f.name for f in fields(self))  # type: ignore[arg-type]
+        return {name: getattr(self, name) for name in names if name != "seq"}
+
+    def counts(self) -> Counts:
+        return Counts(*(getattr(self, name) for name in COUNT_COLUMNS))
+
+
+@dataclass(slots=True)
+class FileRow(_Record):
+    id: str
+    project: str
+    filename: str
+    purpose: str
+    bytes: int
+    created_at: int
+    expires_at: int | None
+    blob_key: str
+    deleted_at: int | None = None
+    seq: int | None = None
+
+    def visible(self, now: int) -> bool:
+        """Not deleted and not expired: what the API may show."""
+        return self.deleted_at is None and (self.expires_at is None or self.expires_at > now)
+
+
+@dataclass(slots=True)
+class BatchRow(_Record):
+    id: str
+    project: str
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    status: BatchStatus
+    created_at: int
+    expires_at: int | None = None
+    in_progress_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    errors: str | None = None  # JSON: {"object": "list", "data": [...]}
+    metadata: str | None = None  # JSON object, as the client sent it
+    output_expires_seconds: int | None = None
+    model: str | None = None
+    stop_reason: StopReason | None = None
+    priority: str = DEFAULT_PRIORITY
+    total: int = 0
+    # Final counts and usage, written once at finalize; while running they are summed from shards.
+    completed: int = 0
+    failed: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    lease_owner: str | None = None
+    lease_expires_at: float | None = None
+    lease_epoch: int = 0
+    idempotency_key: str | None = None
+    seq: int | None = None
+
+    def __post_init__(self) -> None:
+        self.status = BatchStatus(self.status)
+        if self.stop_reason is not None:
+            self.stop_reason = StopReason(self.stop_reason)
+
+
+@dataclass(slots=True)
+class ShardRow(_Record):
+    """A run of consecutive input lines: the unit of work, of leases and of recovery."""
+
+    batch_id: str
+    idx: int
+    first_request: int
+    request_count: int
+    first_line: int
+    byte_start: int
+    byte_end: int
+    status: ShardStatus = ShardStatus.PENDING
+    lease_owner: str | None = None
+    lease_expires_at: float | None = None
+    lease_epoch: int = 0
+    committed: int = 0  # requests [0, committed) have results in committed segments
+    completed: int = 0
+    failed: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+@dataclass(slots=True)
+class SegmentRow(_Record):
+    batch_id: str
+    shard_idx: int
+    first: int
+    count: int
+    blob_key: str

@@ -1,0 +1,112 @@
+"""Segment commits and publishing: results enter the store as a growing prefix of each shard,
+and leave it as output files published together with the batch's terminal status."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import delete, insert, select, update
+
+from lowtide.store.database import Database
+from lowtide.store.files import insert_file
+from lowtide.store.leases import ShardClaim
+from lowtide.store.rows import COUNT_COLUMNS, Counts, FileRow, SegmentRow, ShardRow
+from lowtide.store.schema import batches, segments, shard_count_sums, shards
+from lowtide.vocabulary import ShardStatus
+
+
+@dataclass(slots=True)
+class Segment:
+    """Results of lines [first, first + lines) of a shard, stored under `blob_key`."""
+
+    first: int
+    lines: int
+    blob_key: str
+    counts: Counts
+
+
+async def commit_segment(db: Database, claim: ShardClaim, segment: Segment, *, done: bool) -> bool:
+    """Record a segment if this worker still holds the shard and it extends the committed prefix."""
+    values: dict[str, Any] = {"committed": segment.first + segment.lines}
+    for name in COUNT_COLUMNS:
+        values[name] = shards.c[name] + getattr(segment.counts, name)
+    if done:
+        values.update(status=ShardStatus.DONE, lease_owner=None, lease_expires_at=None)
+    async with db.write() as conn:
+        result = await conn.execute(
+            update(shards)
+            .where(
+                shards.c.batch_id == claim.batch_id,
+                shards.c.idx == claim.idx,
+                shards.c.lease_epoch == claim.epoch,
+                shards.c.committed == segment.first,
+            )
+            .values(**values)
+        )
+        if result.rowcount != 1:
+            return False
+        if segment.lines:
+            await conn.execute(
+                insert(segments).values(
+                    batch_id=claim.batch_id,
+                    shard_idx=claim.idx,
+                    first=segment.first,
+                    count=segment.lines,
+                    blob_key=segment.blob_key,
+                )
+            )
+    return True
+
+
+async def shards_of(db: Database, batch_id: str) -> list[ShardRow]:
+    async with db.read() as conn:
+        rows = (
+            await conn.execute(
+                select(shards).where(shards.c.batch_id == batch_id).order_by(shards.c.idx)
+            )
+        ).all()
+    return [ShardRow.from_row(r) for r in rows]
+
+
+async def segments_of(db: Database, batch_id: str, shard_idx: int) -> list[SegmentRow]:
+    async with db.read() as conn:
+        rows = (
+            await conn.execute(
+                select(segments)
+                .where(segments.c.batch_id == batch_id, segments.c.shard_idx == shard_idx)
+                .order_by(segments.c.first)
+            )
+        ).all()
+    return [SegmentRow.from_row(r) for r in rows]
+
+
+async def batch_counts(db: Database, batch_id: str) -> Counts:
+    """What every committed segment of the batch adds up to."""
+    async with db.read() as conn:
+        row = (
+            await conn.execute(select(*shard_count_sums()).where(shards.c.batch_id == batch_id))
+        ).one()
+    return Counts(*(int(getattr(row, name)) for name in COUNT_COLUMNS))
+
+
+async def publish_batch(
+    db: Database,
+    batch_id: str,
+    epoch: int,
+    values: dict[str, Any],
+    file_rows: list[FileRow],
+) -> bool:
+    """Publish output files and the terminal status together, if the finalize lease still holds."""
+    async with db.write() as conn:
+        result = await conn.execute(
+            update(batches)
+            .where(batches.c.id == batch_id, batches.c.lease_epoch == epoch)
+            .values(lease_owner=None, lease_expires_at=None, **values)
+        )
+        if result.rowcount != 1:
+            return False
+        for row in file_rows:
+            await insert_file(conn, row)
+        await conn.execute(delete(segments).where(segments.c.batch_id == batch_id))
+    return True

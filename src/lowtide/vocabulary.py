@@ -1,0 +1,78 @@
+"""The words every layer shares: statuses, endpoints, purposes, priorities.
+
+Statuses are `StrEnum`s, so they are stored, compared and serialised as the plain strings the
+wire format uses; the sets below are the only place that says which of them are final.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class BatchStatus(StrEnum):
+    VALIDATING = "validating"
+    FAILED = "failed"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    EXPIRED = "expired"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset(
+    {BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLED}
+)
+UNFINISHED = frozenset(set(BatchStatus) - TERMINAL)
+# A batch in one of these may still be cancelled (or expire) and stop early.
+STOPPABLE = frozenset({BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS})
+
+
+class StopReason(StrEnum):
+    """Why a batch must stop before every line ran; null while it may run on."""
+
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+
+class ShardStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+
+
+class FileStatus(StrEnum):
+    """The file object's (deprecated) status: a stored file is always processed."""
+
+    UPLOADED = "uploaded"
+    PROCESSED = "processed"
+    ERROR = "error"
+
+
+class FilePurpose(StrEnum):
+    ASSISTANTS = "assistants"
+    BATCH = "batch"
+    FINE_TUNE = "fine-tune"
+    VISION = "vision"
+    USER_DATA = "user_data"
+    EVALS = "evals"
+    BATCH_OUTPUT = "batch_output"  # written by Lowtide, never uploaded
+
+
+UPLOAD_PURPOSES = tuple(p for p in FilePurpose if p is not FilePurpose.BATCH_OUTPUT)
+
+# Endpoints a batch may target, with the body field each requires and its name in messages.
+ENDPOINTS = {
+    "/v1/chat/completions": ("messages", "Chat Completions"),
+    "/v1/completions": ("prompt", "Completions"),
+    "/v1/embeddings": ("input", "Embeddings"),
+    "/v1/responses": ("input", "Responses"),
+}
+DEFAULT_ENDPOINT = "/v1/chat/completions"
+
+# A batch's share of the engines relative to others (metadata.priority), as fair-queuing weights.
+PRIORITIES = {"high": 4.0, "normal": 1.0, "low": 0.25}
+DEFAULT_PRIORITY = "normal"
+
+# The project of every request when no API keys are configured.
+DEFAULT_PROJECT = "default"
