@@ -39,3 +39,17 @@ def error_envelope(
 
 def not_found(kind: str, object_id: str) -> ApiError:
     return ApiError(404, f"No such {kind} object: {object_id}", param="id")
+
+
+def invalid_value(param: str, message: str) -> ApiError:
+    """A 400 for a parameter the client sent with a value we cannot take."""
+    return ApiError(400, message, param=param, code="invalid_value")
+
+
+def missing_parameter(param: str) -> ApiError:
+    return ApiError(
+        400,
+        f"Missing required parameter: '{param}'.",
+        param=param,
+        code="missing_required_parameter",
+    )

@@ -12,6 +12,7 @@ from lowtide.config import Config
 from lowtide.engines.router import Router
 from lowtide.runner.worker import Worker
 from lowtide.service import BatchService, FileService
+from lowtide.service.deps import Deps
 from lowtide.store.database import Database, sqlite_url
 
 log = logging.getLogger("lowtide")
@@ -45,9 +46,9 @@ class Runtime:
         self.router = Router(
             self.config.routes(), cache_dir=self.model_cache_dir or self.data_dir / "models"
         )
-        limits = self.config.batches
-        self.files = FileService(self.db, self.blobs, limits, self.wake_worker)
-        self.batches = BatchService(self.db, self.blobs, limits, self.wake_worker)
+        deps = Deps(self.db, self.blobs, self.config.batches, self.wake_worker)
+        self.files = FileService(deps)
+        self.batches = BatchService(deps)
 
     async def start(self) -> None:
         await asyncio.to_thread(self.db.upgrade)

@@ -13,7 +13,7 @@ from fastapi import Request
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.requests import ClientDisconnect
 
-from lowtide.errors import ApiError
+from lowtide.errors import ApiError, missing_parameter
 from lowtide.service import FileUpload
 from lowtide.service.files import file_too_large
 
@@ -140,12 +140,7 @@ async def _receive(request: Request, upload: FileUpload, max_bytes: int) -> Uplo
     except Exception as exc:
         raise ApiError(400, f"The multipart body could not be parsed: {exc}") from exc
     if file_parts_seen == 0:
-        raise ApiError(
-            400,
-            "Missing required parameter: 'file'.",
-            param="file",
-            code="missing_required_parameter",
-        )
+        raise missing_parameter("file")
     if file_parts_seen > 1:
         raise ApiError(400, "Only one 'file' part may be uploaded per request.", param="file")
     return form

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -10,17 +9,10 @@ import orjson
 from lowtide.engines.base import EngineResponse
 from lowtide.ids import new_request_id
 from lowtide.runner.segment_lines import ResultLine
+from lowtide.store.rows import Usage
 
 CANCELLED_MESSAGE = "This request was not executed because the batch was cancelled."
 EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
-
-
-@dataclass(slots=True)
-class Usage:
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cached_tokens: int = 0
-    reasoning_tokens: int = 0
 
 
 def usage_of(body: Any) -> Usage:

@@ -25,14 +25,14 @@ from lowtide.engines.base import EngineResponse, TransientEngineError
 from lowtide.engines.router import Router
 from lowtide.ids import request_line_id
 from lowtide.runner import segment_lines
-from lowtide.runner.results import Usage, error_line, response_line, usage_of
+from lowtide.runner.results import error_line, response_line, usage_of
 from lowtide.runner.retry import backoff_seconds, is_retryable_status
 from lowtide.runner.segment_lines import ResultLine
 from lowtide.runner.validation import iter_request_lines
 from lowtide.store.database import Database
 from lowtide.store.files import blob_key_of
 from lowtide.store.leases import LeaseState, ShardClaim, release_shard, renew_shard_lease
-from lowtide.store.rows import Counts
+from lowtide.store.rows import Counts, Usage
 from lowtide.store.segments import Segment, commit_segment
 from lowtide.vocabulary import PRIORITIES
 

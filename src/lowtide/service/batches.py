@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from lowtide.blobs import BlobStore
-from lowtide.config import BatchLimits, parse_duration
-from lowtide.errors import ApiError
+from lowtide.config import parse_duration
+from lowtide.errors import ApiError, invalid_value
 from lowtide.ids import new_batch_id
 from lowtide.runner.validation import first_request_url
 from lowtide.service import results
+from lowtide.service.deps import UseCases, expires_after_seconds
 from lowtide.store import batches as batch_store
-from lowtide.store.database import Database
 from lowtide.store.files import get_file
 from lowtide.store.rows import BatchRow, Counts
 from lowtide.vocabulary import (
@@ -26,8 +25,6 @@ from lowtide.vocabulary import (
     TERMINAL,
     BatchStatus,
 )
-
-_MIN_TTL, _MAX_TTL = 3600, 2_592_000  # output_expires_after.seconds: 1 hour to 30 days
 
 
 @dataclass(slots=True)
@@ -55,15 +52,7 @@ class BatchView:
         return int(time.time() + left / rate)
 
 
-class BatchService:
-    def __init__(
-        self, db: Database, blobs: BlobStore, limits: BatchLimits, wake: Callable[[], None]
-    ) -> None:
-        self._db = db
-        self._blobs = blobs
-        self._limits = limits
-        self._wake = wake
-
+class BatchService(UseCases):
     async def create(
         self,
         project: str,
@@ -77,15 +66,15 @@ class BatchService:
     ) -> BatchView:
         """A new batch waiting for validation; with a known idempotency key, the first one."""
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
-            raise ApiError(
-                400,
-                "The Idempotency-Key header must be 1 to 255 characters long.",
-                param="Idempotency-Key",
-                code="invalid_value",
+            raise invalid_value(
+                "Idempotency-Key", "The Idempotency-Key header must be 1 to 255 characters long."
             )
         _check_endpoint(endpoint)
         window = self._window_seconds(completion_window)
         _check_metadata(metadata)
+        output_ttl = None
+        if output_expires_after is not None:
+            output_ttl = expires_after_seconds("output_expires_after", *output_expires_after)
         now = int(time.time())
         row = BatchRow(
             id=new_batch_id(),
@@ -97,7 +86,7 @@ class BatchService:
             created_at=now,
             expires_at=now + window,
             metadata=orjson.dumps(metadata).decode() if metadata is not None else None,
-            output_expires_seconds=_output_ttl(output_expires_after),
+            output_expires_seconds=output_ttl,
             priority=(metadata or {}).get("priority", DEFAULT_PRIORITY),
             idempotency_key=idempotency_key,
         )
@@ -167,7 +156,7 @@ class BatchService:
         running = [r.id for r in rows if r.status not in TERMINAL]
         live = await batch_store.live_counts(self._db, running)
         return [
-            BatchView(r, r.counts() if r.status in TERMINAL else live.get(r.id, Counts()))
+            BatchView(r, Counts.of(r) if r.status in TERMINAL else live.get(r.id, Counts()))
             for r in rows
         ]
 
@@ -180,12 +169,10 @@ class BatchService:
         except ValueError:
             seconds = -1
         if not low <= seconds <= high:
-            raise ApiError(
-                400,
+            raise invalid_value(
+                "completion_window",
                 f"Invalid value for 'completion_window': {value!r}. Use a duration such as '24h' "
                 f"between {limits.min_completion_window} and {limits.max_completion_window}.",
-                param="completion_window",
-                code="invalid_value",
             )
         return int(seconds)
 
@@ -197,34 +184,9 @@ def batch_not_found(batch_id: str) -> ApiError:
 def _check_endpoint(endpoint: str) -> None:
     if endpoint not in ENDPOINTS:
         allowed = ", ".join(f"'{e}'" for e in ENDPOINTS)
-        raise ApiError(
-            400,
-            f"Invalid value: '{endpoint}'. Supported values are: {allowed}.",
-            param="endpoint",
-            code="invalid_value",
+        raise invalid_value(
+            "endpoint", f"Invalid value: '{endpoint}'. Supported values are: {allowed}."
         )
-
-
-def _output_ttl(output_expires_after: tuple[str, int] | None) -> int | None:
-    if output_expires_after is None:
-        return None
-    anchor, seconds = output_expires_after
-    if anchor != "created_at":
-        raise ApiError(
-            400,
-            "Invalid value for 'output_expires_after.anchor': only 'created_at' is supported.",
-            param="output_expires_after.anchor",
-            code="invalid_value",
-        )
-    if not _MIN_TTL <= seconds <= _MAX_TTL:
-        raise ApiError(
-            400,
-            f"Invalid value for 'output_expires_after.seconds': must be between {_MIN_TTL} and "
-            f"{_MAX_TTL}.",
-            param="output_expires_after.seconds",
-            code="invalid_value",
-        )
-    return seconds
 
 
 _JSON_KINDS = {list: "an array", dict: "an object", bool: "a boolean", int: "an integer"}
@@ -259,4 +221,4 @@ def _check_metadata(metadata: dict[str, Any] | None) -> None:
 
 
 def _bad_metadata(param: str, problem: str) -> ApiError:
-    return ApiError(400, f"Invalid '{param}': {problem}", param=param, code="invalid_value")
+    return invalid_value(param, f"Invalid '{param}': {problem}")

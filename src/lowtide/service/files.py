@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator
 
-from lowtide.blobs import BlobStore, BlobWriter
+from lowtide.blobs import BlobWriter
 from lowtide.blobs.keys import file_key
-from lowtide.config import BatchLimits, parse_duration
-from lowtide.errors import ApiError, not_found
+from lowtide.config import parse_duration
+from lowtide.errors import ApiError, invalid_value, missing_parameter, not_found
 from lowtide.ids import new_file_id
+from lowtide.service.deps import UseCases, expires_after_seconds
 from lowtide.store import files as file_store
-from lowtide.store.database import Database
 from lowtide.store.rows import FileRow
 from lowtide.vocabulary import UPLOAD_PURPOSES, FilePurpose
-
-_MIN_TTL, _MAX_TTL = 3600, 2_592_000  # expires_after.seconds: 1 hour to 30 days
 
 
 class FileUpload:
@@ -52,15 +50,7 @@ def file_too_large(limit: int) -> ApiError:
     )
 
 
-class FileService:
-    def __init__(
-        self, db: Database, blobs: BlobStore, limits: BatchLimits, wake: Callable[[], None]
-    ) -> None:
-        self._db = db
-        self._blobs = blobs
-        self._limits = limits
-        self._wake = wake
-
+class FileService(UseCases):
     @property
     def max_bytes(self) -> int:
         return self._limits.max_file_bytes
@@ -163,42 +153,15 @@ class FileService:
             if purpose == FilePurpose.BATCH:
                 return now + int(parse_duration(self._limits.default_file_ttl))
             return None
-        if anchor != "created_at":
-            raise ApiError(
-                400,
-                "Invalid value for 'expires_after.anchor': only 'created_at' is supported.",
-                param="expires_after.anchor",
-                code="invalid_value",
-            )
-        if (
-            seconds is None
-            or not (seconds.isascii() and seconds.isdigit() and len(seconds) <= 10)
-            or not _MIN_TTL <= int(seconds) <= _MAX_TTL
-        ):
-            raise ApiError(
-                400,
-                f"Invalid value for 'expires_after.seconds': must be an integer between {_MIN_TTL} "
-                f"and {_MAX_TTL}.",
-                param="expires_after.seconds",
-                code="invalid_value",
-            )
-        return now + int(seconds)
+        return now + expires_after_seconds("expires_after", anchor, seconds)
 
 
 def _check_purpose(purpose: str | None) -> FilePurpose:
     if not purpose:
-        raise ApiError(
-            400,
-            "Missing required parameter: 'purpose'.",
-            param="purpose",
-            code="missing_required_parameter",
-        )
+        raise missing_parameter("purpose")
     if purpose not in UPLOAD_PURPOSES:
         allowed = ", ".join(f"'{p}'" for p in UPLOAD_PURPOSES)
-        raise ApiError(
-            400,
-            f"Invalid value: '{purpose}'. Supported values are: {allowed}.",
-            param="purpose",
-            code="invalid_value",
+        raise invalid_value(
+            "purpose", f"Invalid value: '{purpose}'. Supported values are: {allowed}."
         )
     return FilePurpose(purpose)

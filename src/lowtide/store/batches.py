@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 
 from lowtide.store.database import Database
 from lowtide.store.pages import page
-from lowtide.store.rows import COUNT_COLUMNS, BatchRow, Counts, ShardRow
+from lowtide.store.rows import BatchRow, Counts, ShardRow
 from lowtide.store.schema import batches, shard_count_sums, shards
 from lowtide.vocabulary import STOPPABLE, BatchStatus, StopReason
 
@@ -71,7 +71,7 @@ async def live_counts(db: Database, batch_ids: list[str]) -> dict[str, Counts]:
                 .group_by(shards.c.batch_id)
             )
         ).all()
-    return {r.batch_id: Counts(*(int(getattr(r, n)) for n in COUNT_COLUMNS)) for r in rows}
+    return {r.batch_id: Counts.of(r) for r in rows}
 
 
 async def request_cancel(db: Database, project: str, batch_id: str, now: int) -> BatchRow | None:

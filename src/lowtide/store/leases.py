@@ -57,6 +57,15 @@ class LeaseState(StrEnum):
     STOP = "stop"  # the batch was cancelled or expired: finish what is in flight, hand back
 
 
+def held(claim: ShardClaim):  # type: ignore[no-untyped-def]
+    """The shard row of `claim`, while the claim's lease is still the row's."""
+    return and_(
+        shards.c.batch_id == claim.batch_id,
+        shards.c.idx == claim.idx,
+        shards.c.lease_epoch == claim.epoch,
+    )
+
+
 def _free(table, now: float):  # type: ignore[no-untyped-def]
     return or_(table.c.lease_expires_at.is_(None), table.c.lease_expires_at < now)
 
@@ -290,13 +299,7 @@ async def renew_shard_lease(db: Database, claim: ShardClaim, until: float) -> Le
     """Extend the lease, and say whether the batch wants its shards to stop."""
     async with db.write() as conn:
         result = await conn.execute(
-            update(shards)
-            .where(
-                shards.c.batch_id == claim.batch_id,
-                shards.c.idx == claim.idx,
-                shards.c.lease_epoch == claim.epoch,
-            )
-            .values(lease_expires_at=until)
+            update(shards).where(held(claim)).values(lease_expires_at=until)
         )
         if result.rowcount != 1:
             return LeaseState.LOST
@@ -311,11 +314,6 @@ async def release_shard(db: Database, claim: ShardClaim, retry_at: float | None 
     async with db.write() as conn:
         await conn.execute(
             update(shards)
-            .where(
-                shards.c.batch_id == claim.batch_id,
-                shards.c.idx == claim.idx,
-                shards.c.lease_epoch == claim.epoch,
-                shards.c.status == ShardStatus.RUNNING,
-            )
+            .where(held(claim), shards.c.status == ShardStatus.RUNNING)
             .values(status=ShardStatus.PENDING, lease_owner=None, lease_expires_at=retry_at)
         )

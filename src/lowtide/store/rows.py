@@ -10,16 +10,28 @@ from sqlalchemy.engine import Row
 from lowtide.vocabulary import DEFAULT_PRIORITY, BatchStatus, ShardStatus, StopReason
 
 
-@dataclass(slots=True)
-class Counts:
-    """Lines and tokens: summed over a segment, a shard, or a whole batch."""
+@dataclass(slots=True, kw_only=True)
+class Usage:
+    """Tokens, as a response reports them (and as the batch object sums them)."""
 
-    completed: int = 0
-    failed: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
     cached_tokens: int = 0
     reasoning_tokens: int = 0
+
+
+@dataclass(slots=True, kw_only=True)
+class Counts(Usage):
+    """Lines and tokens: summed over a segment, a shard, or a whole batch. Shard and batch rows
+    carry them as columns of the same names."""
+
+    completed: int = 0
+    failed: int = 0
+
+    @classmethod
+    def of(cls, source: Any) -> Counts:
+        """The counts of anything that has them as attributes (a row, a result row)."""
+        return cls(**{name: int(getattr(source, name)) for name in COUNT_COLUMNS})
 
 
 COUNT_COLUMNS = tuple(f.name for f in fields(Counts))
@@ -39,11 +51,8 @@ class _Record:
         names = (f.name for f in fields(self))  # type: ignore[arg-type]
         return {name: getattr(self, name) for name in names if name != "seq"}
 
-    def counts(self) -> Counts:
-        return Counts(*(getattr(self, name) for name in COUNT_COLUMNS))
 
-
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class FileRow(_Record):
     id: str
     project: str
@@ -61,8 +70,8 @@ class FileRow(_Record):
         return self.deleted_at is None and (self.expires_at is None or self.expires_at > now)
 
 
-@dataclass(slots=True)
-class BatchRow(_Record):
+@dataclass(slots=True, kw_only=True)
+class BatchRow(Counts, _Record):
     id: str
     project: str
     endpoint: str
@@ -87,13 +96,8 @@ class BatchRow(_Record):
     stop_reason: StopReason | None = None
     priority: str = DEFAULT_PRIORITY
     total: int = 0
-    # Final counts and usage, written once at finalize; while running they are summed from shards.
-    completed: int = 0
-    failed: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cached_tokens: int = 0
-    reasoning_tokens: int = 0
+    # The counts (inherited) are final, written once at finalize; while the batch runs they
+    # are summed from its shards.
     lease_owner: str | None = None
     lease_expires_at: float | None = None
     lease_epoch: int = 0
@@ -106,8 +110,8 @@ class BatchRow(_Record):
             self.stop_reason = StopReason(self.stop_reason)
 
 
-@dataclass(slots=True)
-class ShardRow(_Record):
+@dataclass(slots=True, kw_only=True)
+class ShardRow(Counts, _Record):
     """A run of consecutive input lines: the unit of work, of leases and of recovery."""
 
     batch_id: str
@@ -122,15 +126,9 @@ class ShardRow(_Record):
     lease_expires_at: float | None = None
     lease_epoch: int = 0
     committed: int = 0  # requests [0, committed) have results in committed segments
-    completed: int = 0
-    failed: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cached_tokens: int = 0
-    reasoning_tokens: int = 0
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class SegmentRow(_Record):
     batch_id: str
     shard_idx: int

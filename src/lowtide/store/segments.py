@@ -10,7 +10,7 @@ from sqlalchemy import delete, insert, select, update
 
 from lowtide.store.database import Database
 from lowtide.store.files import insert_file
-from lowtide.store.leases import ShardClaim
+from lowtide.store.leases import ShardClaim, held
 from lowtide.store.rows import COUNT_COLUMNS, Counts, FileRow, SegmentRow, ShardRow
 from lowtide.store.schema import batches, segments, shard_count_sums, shards
 from lowtide.vocabulary import ShardStatus
@@ -35,14 +35,7 @@ async def commit_segment(db: Database, claim: ShardClaim, segment: Segment, *, d
         values.update(status=ShardStatus.DONE, lease_owner=None, lease_expires_at=None)
     async with db.write() as conn:
         result = await conn.execute(
-            update(shards)
-            .where(
-                shards.c.batch_id == claim.batch_id,
-                shards.c.idx == claim.idx,
-                shards.c.lease_epoch == claim.epoch,
-                shards.c.committed == segment.first,
-            )
-            .values(**values)
+            update(shards).where(held(claim), shards.c.committed == segment.first).values(**values)
         )
         if result.rowcount != 1:
             return False
@@ -87,7 +80,7 @@ async def batch_counts(db: Database, batch_id: str) -> Counts:
         row = (
             await conn.execute(select(*shard_count_sums()).where(shards.c.batch_id == batch_id))
         ).one()
-    return Counts(*(int(getattr(row, name)) for name in COUNT_COLUMNS))
+    return Counts.of(row)
 
 
 async def publish_batch(
