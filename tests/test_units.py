@@ -21,6 +21,7 @@ from lowtide.runner.results import error_line, response_line, usage_of
 from lowtide.runner.retry import backoff_seconds, is_retryable_status
 from lowtide.runner.segment_lines import ResultLine
 from lowtide.runner.validation import FileValidator, confirm_duplicates, iter_request_lines
+from lowtide.vocabulary import ENDPOINTS
 
 
 def test_parse_duration():
@@ -51,7 +52,9 @@ def test_retry_policy():
 
 
 def _validate(raw: bytes, endpoint: str = "/v1/chat/completions", **limits):
-    v = FileValidator(endpoint, lambda m: m in ("m", "sim-model"), BatchLimits(**limits))
+    v = FileValidator(
+        endpoint, lambda m: ENDPOINTS if m in ("m", "sim-model") else None, BatchLimits(**limits)
+    )
     for i in range(0, len(raw), 7):  # tiny chunks: lines split across chunk borders
         v.feed(raw[i : i + 7])
     return v.finish()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
 
+import httpx
 import pytest
 from openai import BadRequestError
 from support import chat_line, jsonl, make_config, wait_for_batch
@@ -147,6 +149,23 @@ def test_empty_and_non_jsonl_files_are_rejected_at_upload(client):
         ({"completion_window": "48d"}, "completion_window"),
         ({"completion_window": ""}, "completion_window"),
         ({"completion_window": "soon"}, "completion_window"),
+        ({"completion_window": "\u0662\u0664h"}, "completion_window"),  # Arabic-Indic "24"
+        ({"completion_window": " 24h "}, "completion_window"),
+        ({"completion_window": "24h\n"}, "completion_window"),
+        ({"completion_window": "24H"}, "completion_window"),
+        ({"completion_window": "+24h"}, "completion_window"),
+        (
+            {"output_expires_after": {"anchor": "created_at", "seconds": " 3600 "}},
+            "output_expires_after.seconds",
+        ),
+        (
+            {"output_expires_after": {"anchor": "created_at", "seconds": 3600.5}},
+            "output_expires_after.seconds",
+        ),
+        (
+            {"output_expires_after": {"anchor": "created_at", "seconds": True}},
+            "output_expires_after.seconds",
+        ),
         ({"metadata": {"tags": ["a"]}}, "metadata.tags"),
         ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
         ({"metadata": {"k": "v" * 513}}, "metadata.k"),
@@ -207,3 +226,37 @@ def test_too_many_lines_and_size_limit(make_server, sim_url):
     assert client.files.list().data == [] or all(
         f.filename != "big.jsonl" for f in client.files.list()
     )
+
+
+def test_a_byte_order_mark_is_skipped(client):
+    raw = b"\xef\xbb\xbf" + jsonl([chat_line("bom-1", "x"), chat_line("bom-2", "y")])
+    b = _run(client, raw)
+    assert b.status == "completed" and b.request_counts.completed == 2
+    out = client.files.content(b.output_file_id).text.splitlines()
+    assert [json.loads(x)["custom_id"] for x in out] == ["bom-1", "bom-2"]
+
+
+def test_upload_rejection_names_the_line(client):
+    with pytest.raises(BadRequestError) as info:
+        client.files.create(file=("in.jsonl", io.BytesIO(b"\n\n  \nnot json\n")), purpose="batch")
+    assert "line 4" in info.value.message
+
+
+def test_a_model_whose_route_cannot_serve_the_endpoint_fails_validation(client):
+    line = {
+        "custom_id": "e1",
+        "method": "POST",
+        "url": "/v1/embeddings",
+        "body": {"model": "SmolLM2-135M-Instruct", "input": "hello"},
+    }
+    b = _run(client, jsonl([line]), endpoint="/v1/embeddings")
+    assert _errors(b) == [("unsupported_endpoint", 1, "body.model")]
+    assert "/v1/chat/completions" in b.errors.data[0].message
+
+
+@pytest.mark.parametrize("limit", [" 5", "5 ", "\u0665", "5.0", "+5"])
+def test_numbers_in_query_strings_are_strict(server, limit):
+    r = httpx.get(
+        server.base_url + "/batches", params={"limit": limit}, headers={"Authorization": "Bearer k"}
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "limit"

@@ -10,13 +10,24 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
+from lowtide.vocabulary import ENDPOINTS
+
+# ASCII digits only (\d would take "٢٤h"), no spaces, one lower-case unit: "24h", "90m", "1.5h".
+_DURATION = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,6})?)(s|m|h|d)", re.ASCII)
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+# What each engine can serve, unless a route narrows it with `endpoints`.
+ENGINE_ENDPOINTS = {
+    "openai": tuple(ENDPOINTS),
+    "echo": tuple(ENDPOINTS),
+    "llamacpp": ("/v1/chat/completions", "/v1/completions"),
+    "embeddings": ("/v1/embeddings",),
+}
 
 
 def parse_duration(text: str) -> float:
     """'90s', '15m', '24h', '7d' -> seconds; raises ValueError on anything else."""
-    match = _DURATION.match(text)
+    match = _DURATION.fullmatch(text)
     if not match:
         raise ValueError(
             f"invalid duration {text!r}; use a number and one of s, m, h, d (e.g. '24h')"
@@ -71,6 +82,48 @@ class ModelRoute(_Strict):
     batch_priority: int | None = Field(
         None, description="send this as the request's 'priority' (vLLM: higher runs later)"
     )
+    # Prices (issue: what a batch costs), per million tokens, at the synchronous list price.
+    input_price: float | None = Field(None, ge=0, description="per 1M input tokens")
+    cached_input_price: float | None = Field(
+        None, ge=0, description="per 1M cached input tokens (default: input_price)"
+    )
+    output_price: float | None = Field(None, ge=0, description="per 1M output tokens")
+    batch_price_factor: float = Field(
+        0.5, ge=0, description="a batch line costs this share of the synchronous price"
+    )
+
+    @property
+    def priced(self) -> bool:
+        return self.input_price is not None or self.output_price is not None
+
+    def sync_price(self, input_tokens: int, cached_tokens: int, output_tokens: int) -> float:
+        """What these tokens cost at the synchronous list price (0 on a route without prices)."""
+        full = self.input_price or 0.0
+        cached = self.cached_input_price if self.cached_input_price is not None else full
+        uncached = max(input_tokens - cached_tokens, 0)
+        return (
+            uncached * full
+            + min(cached_tokens, input_tokens) * cached
+            + output_tokens * (self.output_price or 0.0)
+        ) / 1_000_000
+
+    endpoints: list[str] | None = Field(
+        None,
+        description="batch endpoints this route serves (default: what its engine can serve)",
+    )
+
+    @field_validator("endpoints")
+    @classmethod
+    def _known_endpoints(cls, value: list[str] | None) -> list[str] | None:
+        unknown = [e for e in value or [] if e not in ENDPOINTS]
+        if unknown:
+            raise ValueError(f"unknown endpoints {unknown}; Lowtide serves {list(ENDPOINTS)}")
+        return value
+
+    def served_endpoints(self) -> tuple[str, ...]:
+        if self.endpoints is not None:
+            return tuple(self.endpoints)
+        return ENGINE_ENDPOINTS[self.engine]
 
     @field_validator("base_url")
     @classmethod
@@ -92,6 +145,18 @@ class ModelRoute(_Strict):
 class ApiKey(_Strict):
     key: str
     project: str = "default"
+    admin: bool = Field(False, description="sees every project's usage and costs")
+
+
+class ProjectLimits(_Strict):
+    """`[projects.NAME]`: what one project may spend."""
+
+    max_cost_per_day: float | None = Field(
+        None, ge=0, description="batch cost a day (UTC), in `currency`; running batches pause at it"
+    )
+    max_enqueued_tokens: int | None = Field(
+        None, ge=1, description="input + max output tokens of the project's unfinished batches"
+    )
 
 
 class AuthConfig(_Strict):
@@ -132,13 +197,41 @@ class WorkerConfig(_Strict):
         3600.0, ge=0, description="an uncommitted segment blob younger than this is left alone"
     )
     cancel_grace_seconds: float = Field(60.0, ge=0)
+    route_probe_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="while an upstream refuses a route (401/403/404), one request probes it this often",
+    )
     retry_base_seconds: float = Field(0.5, gt=0)
     retry_max_seconds: float = Field(30.0, gt=0)
+
+
+class ServerConfig(_Strict):
+    """The HTTP front door: what one client may cost the server before it is cut off."""
+
+    header_timeout: float = Field(
+        10.0, gt=0, description="seconds a request's headers may take to arrive in full"
+    )
+    read_timeout: float = Field(
+        60.0, gt=0, description="seconds a request body may go without sending a byte"
+    )
+    keep_alive_timeout: float = Field(
+        5.0, gt=0, description="seconds an idle keep-alive connection is kept open"
+    )
+    max_connections: int = Field(
+        1000, ge=1, description="connections held at once; more are closed on arrival"
+    )
+    max_json_body_bytes: int = Field(
+        1024 * 1024, ge=1024, description="largest JSON request body (uploads have their own limit)"
+    )
 
 
 class Config(_Strict):
     models: list[ModelRoute] = Field(default_factory=list)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    currency: str = Field("USD", min_length=1, max_length=8, description="one for the server")
+    projects: dict[str, ProjectLimits] = Field(default_factory=dict)
+    server: ServerConfig = Field(default_factory=ServerConfig)
     batches: BatchLimits = Field(default_factory=BatchLimits)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     database_url: str | None = None

@@ -20,3 +20,13 @@ route_rate_limited = Counter(
 )
 route_retries = Counter("lowtide_route_retries_total", "Retries of transient failures", ["route"])
 lines_committed = Counter("lowtide_lines_committed_total", "Result lines committed in segments")
+tokens_committed = Counter(
+    "lowtide_tokens_total",
+    "Tokens of committed result lines, by route, project and kind (input, output)",
+    ["route", "project", "kind"],
+)
+cost_committed = Counter(
+    "lowtide_cost_total",
+    "Batch-price cost of committed result lines, in the server's currency",
+    ["route", "project"],
+)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lowtide.blobs import BlobStore, open_blob_store
 from lowtide.config import Config
@@ -13,6 +14,8 @@ from lowtide.engines.router import Router
 from lowtide.runner.worker import Worker
 from lowtide.service import BatchService, FileService
 from lowtide.service.deps import Deps
+from lowtide.service.estimate import EstimateService
+from lowtide.service.usage import UsageService
 from lowtide.store.database import Database, sqlite_url
 
 log = logging.getLogger("lowtide")
@@ -29,6 +32,8 @@ class Runtime:
     router: Router = field(init=False)
     files: FileService = field(init=False)
     batches: BatchService = field(init=False)
+    usage: UsageService = field(init=False)
+    estimates: EstimateService = field(init=False)
     worker: Worker | None = field(init=False, default=None)
     _worker_task: asyncio.Task[None] | None = field(init=False, default=None)
 
@@ -46,15 +51,28 @@ class Runtime:
         self.router = Router(
             self.config.routes(), cache_dir=self.model_cache_dir or self.data_dir / "models"
         )
-        deps = Deps(self.db, self.blobs, self.config.batches, self.wake_worker)
+        deps = Deps(
+            self.db, self.blobs, self.config.batches, self.wake_worker, self.config.currency
+        )
         self.files = FileService(deps)
         self.batches = BatchService(deps)
+        self.usage = UsageService(deps)
+        self.estimates = EstimateService(deps, self.router)
 
     async def start(self) -> None:
+        for route, problem in self.router.config_problems().items():
+            log.warning("route %s: %s", route, problem)
         await asyncio.to_thread(self.db.upgrade)
         if self.run_workers:
             self.worker = Worker(self.db, self.blobs, self.config, self.router)
             self._worker_task = asyncio.create_task(self.worker.run())
+
+    def health(self) -> dict[str, Any]:
+        """What /healthz reports: the models served, and any route that cannot work now."""
+        problems = self.router.config_problems()
+        if self.worker is not None:
+            problems.update(self.worker.route_problems())
+        return {"status": "ok", "models": self.router.served_models(), "route_problems": problems}
 
     def wake_worker(self) -> None:
         """New work, a delete or a cancel: look now instead of at the next poll."""

@@ -70,6 +70,9 @@ ENDPOINTS = {
 }
 DEFAULT_ENDPOINT = "/v1/chat/completions"
 
+# A JSONL file may start with a UTF-8 byte-order mark; it is skipped, never an error.
+UTF8_BOM = b"\xef\xbb\xbf"
+
 # A batch's share of the engines relative to others (metadata.priority), as fair-queuing weights.
 PRIORITIES = {"high": 4.0, "normal": 1.0, "low": 0.25}
 DEFAULT_PRIORITY = "normal"

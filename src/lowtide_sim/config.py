@@ -60,6 +60,7 @@ RUNTIME_FIELDS = frozenset(
         "max_running",
         "latency_dist",
         "latency_sigma",
+        "require_key",
     }
 )
 RATE_FIELDS = ("rate_429", "rate_500", "rate_timeout", "rate_drop")
@@ -89,6 +90,10 @@ def apply_updates(cfg: SimConfig, updates: dict[str, Any]) -> None:
             checked[name] = str(value)
         elif name == "seed":
             checked[name] = None if value is None else int(value)
+        elif name == "require_key":  # a key rotated (or revoked) upstream
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be a string or null")
+            checked[name] = value
         elif name == "latency_dist":
             if value not in LATENCY_DISTS:
                 raise ValueError(f"latency_dist must be one of {list(LATENCY_DISTS)}")

@@ -25,6 +25,10 @@ from lowtide.config import ModelRoute
 
 log = logging.getLogger("lowtide.admission")
 
+# Answers that may say the route is wrong (key refused, no access, no such model) rather than
+# the line: they teach nothing about the upstream's load.
+ROUTE_DOWN_STATUSES = frozenset({401, 403, 404})
+
 
 @dataclass(slots=True)
 class Permit:
@@ -47,7 +51,7 @@ class _BatchQueue:
 
 
 class RouteController:
-    def __init__(self, route: ModelRoute) -> None:
+    def __init__(self, route: ModelRoute, probe_seconds: float = 30.0) -> None:
         self.route = route
         self.name = route.name
         adaptive = route.adaptive if route.adaptive is not None else route.engine == "openai"
@@ -65,6 +69,11 @@ class RouteController:
         self.in_flight = 0
         self.in_flight_cost = 0
         self.paused_until = 0.0
+        # Set while the upstream refuses the route itself (bad key, no such model): nothing is
+        # sent but one probe every `probe_seconds`, and the first probe that passes reopens it.
+        self.problem: str | None = None
+        self._probe_seconds = probe_seconds
+        self._next_probe = 0.0
         self._queues: dict[str, _BatchQueue] = {}
         self._waiting = 0
         self._vclock = 0.0  # virtual time of the last grant: new batches start here
@@ -126,6 +135,11 @@ class RouteController:
         if self.in_flight >= self.window.limit:
             return float("inf")
         now = time.monotonic()
+        if self.problem is not None:  # only a probe, one at a time, once an interval
+            if self.in_flight:
+                return float("inf")
+            if now < self._next_probe:
+                return self._next_probe - now
         wait = max(0.0, self.paused_until - now)
         if self.rpm is not None:
             wait = max(wait, self.rpm.wait_time(1, now))
@@ -205,6 +219,29 @@ class RouteController:
             waiter.future.set_result(waiter.permit)
         return 0.0
 
+    # -- the route itself --------------------------------------------------------------
+    def block(self, problem: str) -> bool:
+        """The upstream refuses this route (401, 403, 404): stop sending until a probe passes.
+        Returns True when the route was open until now."""
+        opened = self.problem is None
+        self.problem = problem
+        self._next_probe = time.monotonic() + self._probe_seconds
+        if opened:
+            log.warning(
+                "route %s stopped: %s; its lines wait, and one probe goes every %g s",
+                self.name,
+                problem,
+                self._probe_seconds,
+            )
+        return opened
+
+    def route_ok(self) -> None:
+        """An answer that is not a refusal of the route: if it was stopped, it works again."""
+        if self.problem is not None:
+            log.info("route %s works again: resuming", self.name)
+            self.problem = None
+            self._kick.set()
+
     # -- what happened -------------------------------------------------------------------
     def release(
         self,
@@ -220,7 +257,7 @@ class RouteController:
         self.in_flight -= 1
         self.in_flight_cost -= permit.cost
         self._m_in_flight.set(self.in_flight)
-        if status == 0:  # cancelled or an engine bug: nothing learned
+        if status == 0 or status in ROUTE_DOWN_STATUSES:  # nothing learned about load
             pass
         elif status == 429:
             self._m_limited.inc()

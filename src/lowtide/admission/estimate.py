@@ -22,18 +22,23 @@ def _chars(value: Any) -> int:
     return 0
 
 
+def estimate_prompt_tokens(endpoint: str, body: dict[str, Any]) -> int:
+    """The prompt's tokens, about: ~4 characters a token, plus a few for the message framing."""
+    source = (
+        body.get("messages")
+        if endpoint == "/v1/chat/completions"
+        else body.get("input", body.get("prompt"))
+    )
+    return int(_chars(source) / CHARS_PER_TOKEN) + 4
+
+
 def estimate_tokens(endpoint: str, body: dict[str, Any]) -> int:
     """Prompt estimate plus the completion budget (max_tokens, or a default), times n.
 
     The estimate is corrected with the response's real `usage`, so a rough number here only
     costs a little precision for one request, never a drift in the budget.
     """
-    source = (
-        body.get("messages")
-        if endpoint == "/v1/chat/completions"
-        else body.get("input", body.get("prompt"))
-    )
-    prompt = int(_chars(source) / CHARS_PER_TOKEN) + 4
+    prompt = estimate_prompt_tokens(endpoint, body)
     completion = body.get(
         "max_completion_tokens", body.get("max_tokens", body.get("max_output_tokens"))
     )

@@ -8,7 +8,9 @@ from fastapi import FastAPI, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lowtide.api import batches, files
+from lowtide.api import batches, files, organization
+from lowtide.api.guards import FrontDoor
+from lowtide.api.openapi import install_openapi
 from lowtide.api.responses import (
     api_error_handler,
     http_error_handler,
@@ -16,32 +18,9 @@ from lowtide.api.responses import (
     unexpected_error_handler,
     validation_error_handler,
 )
-from lowtide.errors import ApiError, error_envelope
+from lowtide.errors import ApiError
 from lowtide.ids import new_request_id
 from lowtide.runtime import Runtime
-
-MAX_JSON_BODY = 1024 * 1024
-
-
-class BodyLimitMiddleware:
-    """JSON request bodies are small; refuse a declared huge one before anything reads it."""
-
-    def __init__(self, app) -> None:  # type: ignore[no-untyped-def]
-        self.app = app
-
-    async def __call__(self, scope, receive, send):  # type: ignore[no-untyped-def]
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] != "/v1/files":
-            length = dict(scope["headers"]).get(b"content-length", b"0")
-            if not length.isdigit() or int(length) > MAX_JSON_BODY:
-                response = json_response(
-                    error_envelope(
-                        f"The request body is larger than {MAX_JSON_BODY} bytes.",
-                        "invalid_request_error",
-                    ),
-                    413,
-                )
-                return await response(scope, receive, send)
-        return await self.app(scope, receive, send)
 
 
 class RequestIdMiddleware:
@@ -82,17 +61,25 @@ def create_app(runtime: Runtime) -> FastAPI:
         version="0.1.0",
         summary="Self-hosted OpenAI-compatible Batch API",
         lifespan=lifespan,
+        docs_url=None,  # api/docs.py serves /docs from local files
+        redoc_url=None,
     )
     app.state.runtime = runtime
-    app.state.api_keys = {k.key: k.project for k in runtime.config.auth.api_keys}
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(Exception, unexpected_error_handler)
-    app.add_middleware(BodyLimitMiddleware)
+    app.add_middleware(
+        FrontDoor,
+        api_keys={k.key: k.project for k in runtime.config.auth.api_keys},
+        admin_keys={k.key for k in runtime.config.auth.api_keys if k.admin},
+        max_json_body=runtime.config.server.max_json_body_bytes,
+    )
     app.add_middleware(RequestIdMiddleware)
     app.include_router(files.router)
     app.include_router(batches.router)
+    app.include_router(organization.router)
+    install_openapi(app)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics():  # type: ignore[no-untyped-def]
@@ -104,6 +91,6 @@ def create_app(runtime: Runtime) -> FastAPI:
     async def healthz():  # type: ignore[no-untyped-def]
         if not ready["ok"]:
             return json_response({"status": "starting"}, 503)
-        return json_response({"status": "ok", "models": runtime.router.served_models()})
+        return json_response(runtime.health())
 
     return app

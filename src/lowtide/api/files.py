@@ -10,11 +10,20 @@ from fastapi.responses import StreamingResponse
 
 from lowtide.api.auth import project_of
 from lowtide.api.objects import file_object, list_page
+from lowtide.api.params import ASCII_DIGITS
 from lowtide.api.responses import json_response
+from lowtide.api.schemas import (
+    FILE_CONTENT,
+    UPLOAD_BODY,
+    FileDeleted,
+    FileList,
+    FileObject,
+    responses,
+)
 from lowtide.api.uploads import receive_upload
 from lowtide.service import FileService
 
-router = APIRouter()
+router = APIRouter(tags=["Files"])
 Project = Annotated[str, Depends(project_of)]
 
 
@@ -22,7 +31,13 @@ def _files(request: Request) -> FileService:
     return request.app.state.runtime.files
 
 
-@router.post("/v1/files", summary="Upload a file", status_code=200)
+@router.post(
+    "/v1/files",
+    summary="Upload a file",
+    status_code=200,
+    responses=responses(FileObject, 400, 401, (413, "The file is larger than the upload limit")),
+    openapi_extra={"requestBody": UPLOAD_BODY},
+)
 async def create_file(request: Request, project: Project):
     """multipart/form-data with `file`, `purpose` and optional `expires_after[anchor|seconds]`."""
     service = _files(request)
@@ -39,12 +54,12 @@ async def create_file(request: Request, project: Project):
     return json_response(file_object(row))
 
 
-@router.get("/v1/files", summary="List files")
+@router.get("/v1/files", summary="List files", responses=responses(FileList, 400, 401))
 async def list_files(
     request: Request,
     project: Project,
     purpose: str | None = None,
-    limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+    limit: Annotated[int, Query(ge=1, le=10_000), ASCII_DIGITS] = 10_000,
     after: str | None = None,
     order: Literal["asc", "desc"] = "desc",
 ):
@@ -54,18 +69,27 @@ async def list_files(
     return json_response(list_page([file_object(r) for r in rows], has_more))
 
 
-@router.get("/v1/files/{file_id}", summary="Retrieve a file")
+@router.get(
+    "/v1/files/{file_id}", summary="Retrieve a file", responses=responses(FileObject, 400, 401, 404)
+)
 async def retrieve_file(request: Request, file_id: str, project: Project):
     return json_response(file_object(await _files(request).get(project, file_id)))
 
 
-@router.delete("/v1/files/{file_id}", summary="Delete a file")
+@router.delete(
+    "/v1/files/{file_id}", summary="Delete a file", responses=responses(FileDeleted, 400, 401, 404)
+)
 async def delete_file(request: Request, file_id: str, project: Project):
     await _files(request).delete(project, file_id)
     return json_response({"id": file_id, "object": "file", "deleted": True})
 
 
-@router.get("/v1/files/{file_id}/content", summary="Download a file's content")
+@router.get(
+    "/v1/files/{file_id}/content",
+    summary="Download a file's content",
+    response_class=StreamingResponse,
+    responses=responses(FILE_CONTENT, 400, 401, 404),
+)
 async def file_content(request: Request, file_id: str, project: Project):
     row, chunks = await _files(request).content(project, file_id)
     media = "application/jsonl" if row.filename.endswith(".jsonl") else "application/octet-stream"

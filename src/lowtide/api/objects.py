@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 
 from lowtide.service import BatchView, FileRow
-from lowtide.vocabulary import FileStatus
+from lowtide.vocabulary import TERMINAL, FileStatus
 
 
 def file_object(row: FileRow) -> dict[str, Any]:
@@ -59,11 +59,21 @@ def batch_object(view: BatchView) -> dict[str, Any]:
             "total_tokens": counts.input_tokens + counts.output_tokens,
         },
         "metadata": orjson.loads(row.metadata) if row.metadata else None,
-        # Extension (an extra field; clients ignore it): priority, live rate and estimated finish.
+        # Extension (an extra field; clients ignore it): priority, live rate, estimated finish,
+        # and why the lines wait, if they do.
         "lowtide": {
             "priority": row.priority,
             "lines_per_second": view.lines_per_second,
             "estimated_finish_at": view.estimated_finish_at,
+            "paused_reason": row.paused_reason if row.status not in TERMINAL else None,
+            "cost": {
+                "currency": view.currency,
+                "amount": counts.cost,
+                "sync_amount": counts.sync_cost,
+                "saved": counts.sync_cost - counts.cost,
+                "no_price_lines": counts.unpriced,
+            },
+            "rerun_lines": counts.rerun_lines,
         },
     }
 

@@ -9,8 +9,11 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Mount
 
 from lowtide.errors import ApiError, error_envelope
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
 class OrjsonResponse(JSONResponse):
@@ -53,13 +56,30 @@ async def validation_error_handler(_request: Request, exc: Exception) -> Respons
 
 async def http_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
+    headers = dict(exc.headers or {})
     if exc.status_code == 404:
         message = f"Invalid URL ({request.method} {request.url.path})"
     elif exc.status_code == 405:
         message = f"Method {request.method} is not allowed for {request.url.path}."
+        allowed = _allowed_methods(request)
+        if allowed:
+            headers["Allow"] = allowed
     else:
         message = str(exc.detail)
-    return json_response(error_envelope(message, "invalid_request_error"), exc.status_code)
+    body = error_envelope(message, "invalid_request_error")
+    return json_response(body, exc.status_code, headers)
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route takes on this path. Starlette's own Allow names only the first
+    route's (and /v1/files has two routes, GET and POST)."""
+    routes = [r for r in request.app.router.routes if not isinstance(r, Mount)]
+    allowed = [
+        method
+        for method in _METHODS
+        if any(r.matches({**request.scope, "method": method})[0] is Match.FULL for r in routes)
+    ]
+    return ", ".join(allowed)
 
 
 async def unexpected_error_handler(_request: Request, exc: Exception) -> Response:

@@ -54,5 +54,18 @@ class Engine(ABC):
     async def execute(self, endpoint: str, body: dict[str, Any]) -> EngineResponse:
         """Run one request. Raise TransientEngineError for failures worth retrying."""
 
+    def count_input_tokens(self, endpoint: str, bodies: list[dict[str, Any]]) -> list[int] | None:
+        """Each request's input tokens exactly as this engine will report them in `usage`, or
+        None when it has no tokenizer here (an upstream; the caller then approximates).
+
+        Called off the event loop (estimates run it on a worker thread), so it may block to
+        load a tokenizer; it must not need the model's weights.
+        """
+        return None
+
+    def default_max_output_tokens(self, endpoint: str) -> int | None:
+        """The output limit of a request that sets none (per choice); None: unknown here."""
+        return None
+
     async def close(self) -> None:
         """Release resources."""

@@ -71,17 +71,28 @@ class _Layer:
         self.ln2_w, self.ln2_b = g("output.LayerNorm.weight"), g("output.LayerNorm.bias")
 
 
+def load_tokenizer(folder: Path):  # type: ignore[no-untyped-def]
+    """The model's tokenizer as the encoder uses it (truncated to max_seq_length, no padding):
+    estimates count with it without loading the weights."""
+    from tokenizers import Tokenizer
+
+    st_config_path = folder / "sentence_bert_config.json"
+    st_config = json.loads(st_config_path.read_text()) if st_config_path.exists() else {}
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer.enable_truncation(max_length=int(st_config.get("max_seq_length", 512)))
+    tokenizer.no_padding()
+    return tokenizer
+
+
 class BertSentenceEncoder:
     """Mean-pooled, L2-normalised sentence embeddings, as sentence-transformers computes them."""
 
     def __init__(self, folder: Path) -> None:
         from safetensors.numpy import load_file
-        from tokenizers import Tokenizer
 
         config = json.loads((folder / "config.json").read_text())
-        st_config_path = folder / "sentence_bert_config.json"
-        st_config = json.loads(st_config_path.read_text()) if st_config_path.exists() else {}
-        self.max_tokens = int(st_config.get("max_seq_length", 512))
+        self.tokenizer = load_tokenizer(folder)
+        self.max_tokens = self.tokenizer.truncation["max_length"]
         self.heads = int(config["num_attention_heads"])
         self.dim = int(config["hidden_size"])
         self.eps = float(config.get("layer_norm_eps", 1e-12))
@@ -97,9 +108,6 @@ class BertSentenceEncoder:
             _Layer(weights, f"{prefix}encoder.layer.{i}")
             for i in range(int(config["num_hidden_layers"]))
         ]
-        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        self.tokenizer.enable_truncation(max_length=self.max_tokens)
-        self.tokenizer.no_padding()
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         return [enc.ids for enc in self.tokenizer.encode_batch(texts)]

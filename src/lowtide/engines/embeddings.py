@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,8 @@ class EmbeddingsEngine(Engine):
         self._model_path = model_path
         self._batch_size = batch_size
         self._encoder: Any = None
+        self._counting: Any = None  # the tokenizer alone, for estimates
+        self._counting_lock = threading.Lock()
         self._load_error: str | None = None
         self._load_lock = asyncio.Lock()
         self._pending = _Pending()
@@ -58,7 +61,7 @@ class EmbeddingsEngine(Engine):
             from lowtide.engines.bert import BertSentenceEncoder
 
             try:
-                folder = Path(self._model_path) if self._model_path else minilm_folder()
+                folder = self._folder()
                 started = time.monotonic()
                 self._encoder = await asyncio.to_thread(BertSentenceEncoder, folder)
                 log.info(
@@ -79,16 +82,9 @@ class EmbeddingsEngine(Engine):
             return error_response(
                 400, f"Model '{self.name}' serves /v1/embeddings only, not {endpoint}.", param="url"
             )
-        raw = body.get("input")
-        texts = [raw] if isinstance(raw, str) else raw
-        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-            return error_response(
-                400,
-                "'input' must be a non-empty string or a non-empty array of strings.",
-                param="input",
-            )
-        if any(not t for t in texts):
-            return error_response(400, "'input' cannot contain empty strings.", param="input")
+        texts = _texts(body)
+        if isinstance(texts, str):
+            return error_response(400, texts, param="input")
         fmt = body.get("encoding_format", "float")
         if fmt not in ("float", "base64"):
             return error_response(
@@ -111,7 +107,7 @@ class EmbeddingsEngine(Engine):
         assert self._wake is not None
         self._wake.set()
         vectors = await future
-        tokens = sum(max(len(seq) - 2, 1) for seq in ids)  # without [CLS] and [SEP]
+        tokens = _usage_tokens(ids)
         data = [
             {
                 "object": "embedding",
@@ -162,6 +158,54 @@ class EmbeddingsEngine(Engine):
             offset += len(job.ids)
         return results
 
+    def count_input_tokens(self, endpoint: str, bodies: list[dict[str, Any]]) -> list[int] | None:
+        """`usage.prompt_tokens` of each request, from the tokenizer alone (no weights)."""
+        if endpoint != "/v1/embeddings":
+            return None
+        tokenizer = self._encoder.tokenizer if self._encoder is not None else self._tokenizer()
+        if tokenizer is None:
+            return None
+        inputs = [_texts(body) for body in bodies]
+        flat = [t for texts in inputs if isinstance(texts, list) for t in texts]
+        ids = iter([enc.ids for enc in tokenizer.encode_batch(flat)] if flat else [])
+        return [
+            _usage_tokens([next(ids) for _ in texts]) if isinstance(texts, list) else 0
+            for texts in inputs
+        ]
+
+    def default_max_output_tokens(self, endpoint: str) -> int | None:
+        return 0
+
+    def _folder(self) -> Path:
+        return Path(self._model_path) if self._model_path else minilm_folder()
+
+    def _tokenizer(self) -> Any:
+        from lowtide.engines.bert import load_tokenizer
+
+        with self._counting_lock:
+            if self._counting is None:
+                try:
+                    self._counting = load_tokenizer(self._folder())
+                except Exception as exc:  # no tokenizer: estimates approximate instead
+                    log.warning("%s: cannot load the tokenizer to count tokens: %s", self.name, exc)
+                    self._counting = False
+            return self._counting or None
+
     async def close(self) -> None:
         if self._runner is not None:
             self._runner.cancel()
+
+
+def _texts(body: dict[str, Any]) -> list[str] | str:
+    """The inputs of a request, or why the engine refuses it."""
+    raw = body.get("input")
+    texts = [raw] if isinstance(raw, str) else raw
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        return "'input' must be a non-empty string or a non-empty array of strings."
+    if any(not t for t in texts):
+        return "'input' cannot contain empty strings."
+    return texts
+
+
+def _usage_tokens(ids: list[list[int]]) -> int:
+    return sum(max(len(seq) - 2, 1) for seq in ids)  # without [CLS] and [SEP]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import os
 from pathlib import Path
 
 from lowtide.config import ModelRoute
@@ -46,6 +47,17 @@ class Router:
             if fnmatch.fnmatchcase(model, candidate.name):
                 return candidate
         return None
+
+    def config_problems(self) -> dict[str, str]:
+        """Routes that cannot work as configured, by name: said at start and on /healthz."""
+        problems = {}
+        for route in [*self._exact.values(), *self._patterns]:
+            if route.api_key_env and not os.environ.get(route.api_key_env):
+                problems[route.name] = (
+                    f"api_key_env names {route.api_key_env}, which is not set: requests would "
+                    "go without a key"
+                )
+        return problems
 
     def served_models(self) -> list[str]:
         return [*self._exact, *(r.name for r in self._patterns)]

@@ -16,24 +16,27 @@ from typing import Any
 
 import orjson
 
-from lowtide.admission.controller import RouteController
+from lowtide import metrics
+from lowtide.admission.controller import Permit, RouteController
 from lowtide.admission.estimate import estimate_tokens
 from lowtide.blobs import BlobStore
 from lowtide.blobs.keys import segment_key
 from lowtide.config import ModelRoute, WorkerConfig
-from lowtide.engines.base import EngineResponse, TransientEngineError
+from lowtide.engines.base import Engine, EngineResponse, TransientEngineError
 from lowtide.engines.router import Router
 from lowtide.ids import request_line_id
 from lowtide.runner import segment_lines
+from lowtide.runner.accounting import FinishedLine, answered, tally, unanswered
+from lowtide.runner.budgets import DailySpend
 from lowtide.runner.results import error_line, response_line, usage_of
-from lowtide.runner.retry import backoff_seconds, is_retryable_status
-from lowtide.runner.segment_lines import ResultLine
+from lowtide.runner.retry import backoff_seconds, is_retryable_status, route_refusal
 from lowtide.runner.validation import iter_request_lines
+from lowtide.store.batches import set_paused_reason
 from lowtide.store.database import Database
 from lowtide.store.files import blob_key_of
 from lowtide.store.leases import LeaseState, ShardClaim, release_shard, renew_shard_lease
-from lowtide.store.rows import Counts, Usage
 from lowtide.store.segments import Segment, commit_segment
+from lowtide.store.usage import UsageDelta
 from lowtide.vocabulary import PRIORITIES
 
 log = logging.getLogger("lowtide.shard")
@@ -47,19 +50,36 @@ class RunnerContext:
     blobs: BlobStore
     router: Router
     config: WorkerConfig
+    spend: DailySpend | None = None  # the projects' daily budgets
     controllers: dict[str, RouteController] = field(default_factory=dict)
+    # Why a batch's lines are waiting, as last written to its row by this process.
+    paused: dict[str, str | None] = field(default_factory=dict)
 
     def admission(self, route: ModelRoute) -> RouteController:
         controller = self.controllers.get(route.name)
         if controller is None:
-            controller = self.controllers[route.name] = RouteController(route)
+            controller = RouteController(route, probe_seconds=self.config.route_probe_seconds)
+            self.controllers[route.name] = controller
         return controller
 
+    def count_usage(self, project: str, usage: list[UsageDelta]) -> None:
+        """Prometheus counters of committed tokens and cost, per route and project."""
+        for delta in usage:
+            route = self.router.route_for(delta.model)
+            name = route.name if route is not None else delta.model
+            metrics.tokens_committed.labels(name, project, "input").inc(delta.input_tokens)
+            metrics.tokens_committed.labels(name, project, "output").inc(delta.output_tokens)
+            metrics.cost_committed.labels(name, project).inc(delta.cost)
 
-@dataclass(slots=True)
-class _Done:
-    result: ResultLine
-    usage: Usage
+    async def note_paused(self, batch_id: str, reason: str | None) -> None:
+        """Show on the batch why its lines wait (or that they run again); written on change."""
+        if self.paused.get(batch_id) == reason:
+            return
+        if reason is None:
+            del self.paused[batch_id]
+        else:
+            self.paused[batch_id] = reason
+        await set_paused_reason(self.db, batch_id, reason)
 
 
 class ShardRun:
@@ -68,10 +88,11 @@ class ShardRun:
         self.claim = claim
         self.stopping = False  # batch stopped or worker shutting down: finish in-flight, hand back
         self.lost = False  # lease taken over: commit nothing more
-        self._results: list[_Done | None] = [None] * claim.request_count
+        self._results: list[FinishedLine | None] = [None] * claim.request_count
         self._ready = claim.committed  # end of the contiguous finished prefix
         self._committed = claim.committed
         self._tasks: set[asyncio.Task[None]] = set()
+        self._queued: set[asyncio.Task[Any]] = set()  # line tasks waiting for a permit
         self._commit_lock = asyncio.Lock()
         self._commit_wanted = asyncio.Event()
         self._closing = False
@@ -107,7 +128,7 @@ class ShardRun:
         if self.lost:
             return
         done = self._ready == claim.request_count
-        await self._commit(done=done)
+        await self._commit(done=done, last=True)
         if not done and not self.lost:
             # Stopped (cancel, expiry, shutdown): hand back at once. Anything else left a gap
             # that an immediate retry would hit again, so back off.
@@ -146,6 +167,8 @@ class ShardRun:
         if not self.stopping:
             while self._tasks and not self.stopping and not self.lost:
                 await asyncio.wait(set(self._tasks), timeout=0.5)
+        for task in list(self._queued):
+            task.cancel()  # lines still waiting for a permit never start
         if self._tasks and not self.lost:
             await asyncio.wait(set(self._tasks), timeout=self.ctx.config.cancel_grace_seconds)
         for task in list(self._tasks):
@@ -192,7 +215,7 @@ class ShardRun:
         if ready - self._committed >= self.ctx.config.segment_lines:
             self._commit_wanted.set()
 
-    async def _execute(self, index: int, raw: bytes) -> _Done | None:
+    async def _execute(self, index: int, raw: bytes) -> FinishedLine | None:
         claim = self.claim
         line_id = request_line_id(claim.batch_id, claim.first_request + index)
         request = orjson.loads(raw)
@@ -203,25 +226,47 @@ class ShardRun:
             message = (
                 f"The provided model '{body.get('model')}' is not served by this Lowtide server."
             )
-            return _error_done(error_line(line_id, custom_id, "model_not_found", message))
+            return unanswered(error_line(line_id, custom_id, "model_not_found", message))
         try:
             engine = self.ctx.router.engine_for(route)
         except Exception as exc:  # a misconfigured route fails its lines, never the shard
             message = f"The engine for '{route.name}' could not be created: {exc}"
-            return _error_done(error_line(line_id, custom_id, "engine_error", message))
+            return unanswered(error_line(line_id, custom_id, "engine_error", message))
         controller = self.ctx.admission(route)
-        weight = self._weight()
+        response, failure = await self._attempts(route, engine, controller, body, custom_id)
+        if self.lost:
+            return None
+        if response is None:
+            if failure is None or self.stopping:
+                return None  # never sent, or left for finalize to report as cancelled/expired
+            return unanswered(error_line(line_id, custom_id, failure.code, failure.message))
+        if self.stopping and is_retryable_status(response.status_code):
+            return None
+        result = response_line(line_id, custom_id, response)
+        return answered(result, usage_of(response.body), route, str(body.get("model")))
+
+    async def _attempts(
+        self,
+        route: ModelRoute,
+        engine: Engine,
+        controller: RouteController,
+        body: dict[str, Any],
+        custom_id: str,
+    ) -> tuple[EngineResponse | None, TransientEngineError | None]:
+        """Send the line until it gets a final answer, its retries run out, or the shard stops.
+
+        A refusal of the route itself (401, 403, 404) uses no retry: the line waits with every
+        other line of the route until a probe finds the route working again.
+        """
+        claim, cfg = self.claim, self.ctx.config
         cost = estimate_tokens(claim.endpoint, body)
-        cfg = self.ctx.config
         response: EngineResponse | None = None
         failure: TransientEngineError | None = None
-        for attempt in range(route.max_retries + 1):
-            permit = await controller.acquire(claim.batch_id, weight, cost)
-            if self.stopping or self.lost:
-                # Stopped while waiting for a permit: this line never starts. Only requests
-                # already sent may finish after a cancel.
-                controller.release(permit, status=0)
-                return None
+        attempt = 0
+        while True:
+            permit = await self._permit(controller, cost)
+            if permit is None:
+                return None, None  # stopped while waiting: this line never starts
             try:
                 response, failure = await engine.execute(claim.endpoint, body), None
             except TransientEngineError as exc:
@@ -233,39 +278,70 @@ class ShardRun:
                 controller.release(permit, status=0)
                 log.exception("engine %s failed on %s", route.name, custom_id)
                 message = f"The engine failed: {exc.__class__.__name__}: {exc}"
-                return _error_done(error_line(line_id, custom_id, "engine_error", message))
-            if response is None:
-                controller.release(permit, status=None)
-                controller.count(failure.code if failure else "error")
-            else:
-                usage = usage_of(response.body)
-                controller.release(
-                    permit,
-                    status=response.status_code,
-                    used_tokens=usage.input_tokens + usage.output_tokens,
-                    retry_after=response.retry_after,
-                    headers=response.headers,
-                )
-                controller.count(str(response.status_code))
+                return None, TransientEngineError("engine_error", message)
+            self._account(controller, permit, response, failure)
+            if response is not None:
+                refusal = route_refusal(route.name, response.status_code, response.body)
+                if refusal is not None:
+                    controller.block(refusal)
+                    await self.ctx.note_paused(claim.batch_id, refusal)
+                    continue
+                controller.route_ok()
+                await self.ctx.note_paused(claim.batch_id, None)
             if response is not None and not is_retryable_status(response.status_code):
-                break
+                return response, None
             if attempt == route.max_retries or self.stopping or self.lost:
-                break
+                return response, failure
             controller.retried()
             retry_after = response.retry_after if response is not None else None
             await asyncio.sleep(
                 backoff_seconds(attempt, cfg.retry_base_seconds, cfg.retry_max_seconds, retry_after)
             )
-        if self.lost:
+            attempt += 1
+
+    async def _permit(self, controller: RouteController, cost: int) -> Permit | None:
+        """Wait for admission; None if the shard stopped meanwhile (then the line never starts:
+        after a cancel only requests already sent may finish)."""
+        if self.ctx.spend is not None:
+            while reason := await self.ctx.spend.over_budget(self.claim.project):
+                await self.ctx.note_paused(self.claim.batch_id, reason)
+                if self.stopping or self.lost:
+                    return None
+                await asyncio.sleep(1.0)
+        if self.stopping or self.lost:
             return None
+        task = asyncio.current_task()
+        assert task is not None
+        self._queued.add(task)
+        try:
+            permit = await controller.acquire(self.claim.batch_id, self._weight(), cost)
+        finally:
+            self._queued.discard(task)
+        if self.stopping or self.lost:
+            controller.release(permit, status=0)
+            return None
+        return permit
+
+    @staticmethod
+    def _account(
+        controller: RouteController,
+        permit: Permit,
+        response: EngineResponse | None,
+        failure: TransientEngineError | None,
+    ) -> None:
         if response is None:
-            assert failure is not None
-            if self.stopping:
-                return None  # left for finalize to report as cancelled/expired
-            return _error_done(error_line(line_id, custom_id, failure.code, failure.message))
-        if self.stopping and is_retryable_status(response.status_code):
-            return None
-        return _Done(response_line(line_id, custom_id, response), usage_of(response.body))
+            controller.release(permit, status=None)
+            controller.count(failure.code if failure else "error")
+            return
+        usage = usage_of(response.body)
+        controller.release(
+            permit,
+            status=response.status_code,
+            used_tokens=usage.input_tokens + usage.output_tokens,
+            retry_after=response.retry_after,
+            headers=response.headers,
+        )
+        controller.count(str(response.status_code))
 
     # -- commits -------------------------------------------------------------------------
     async def _committer(self) -> None:
@@ -286,23 +362,22 @@ class ShardRun:
                         "segment commit failed for shard %s/%s", self.claim.batch_id, self.claim.idx
                     )
 
-    async def _commit(self, *, done: bool) -> None:
+    async def _commit(self, *, done: bool, last: bool = False) -> None:
         async with self._commit_lock:
             first, end = self._committed, self._ready
             if end == first and not done:
                 return
             items = [self._results[i] for i in range(first, end)]
-            segment = Segment(
-                first,
-                end - first,
-                segment_key(self.claim.batch_id, self.claim.idx, first),
-                _counts(items),
-            )
+            counts, usage = tally(items, self.claim.endpoint)  # type: ignore[arg-type]
+            if last and not done:  # stopped early: lines finished past the prefix run again
+                counts.rerun_lines = sum(1 for r in self._results[end:] if r is not None)
+            key = segment_key(self.claim.batch_id, self.claim.idx, first)
+            segment = Segment(first, end - first, key, counts)
             if items:
                 await self.ctx.blobs.put(
                     segment.blob_key, segment_lines.encode(d.result for d in items)
                 )
-            if not await commit_segment(self.ctx.db, self.claim, segment, done=done):
+            if not await commit_segment(self.ctx.db, self.claim, segment, done=done, usage=usage):
                 self.lost = True
                 if items:
                     await self.ctx.blobs.delete(segment.blob_key)
@@ -310,21 +385,4 @@ class ShardRun:
             for i in range(first, end):
                 self._results[i] = None
             self._committed = end
-
-
-def _counts(items: list[_Done]) -> Counts:
-    counts = Counts()
-    for done in items:
-        if done.result.ok:
-            counts.completed += 1
-        else:
-            counts.failed += 1
-        counts.input_tokens += done.usage.input_tokens
-        counts.output_tokens += done.usage.output_tokens
-        counts.cached_tokens += done.usage.cached_tokens
-        counts.reasoning_tokens += done.usage.reasoning_tokens
-    return counts
-
-
-def _error_done(line: ResultLine) -> _Done:
-    return _Done(line, Usage())
+            self.ctx.count_usage(self.claim.project, usage)

@@ -14,9 +14,10 @@ from typing import Any
 
 import orjson
 
+from lowtide.admission.estimate import estimate_prompt_tokens
 from lowtide.config import BatchLimits
 from lowtide.runner.duplicates import DuplicateFinder
-from lowtide.vocabulary import ENDPOINTS
+from lowtide.vocabulary import ENDPOINTS, UTF8_BOM
 
 MAX_LINE_BYTES = 64 * 1024 * 1024
 
@@ -34,29 +35,34 @@ class ValidationResult:
     error_count: int
     models: list[str]
     possible_duplicates: list[tuple[int, int]] = field(default_factory=list)
+    # Input tokens of the valid lines, about (~4 characters a token), by model: what the
+    # budgets weigh before the batch may start.
+    input_tokens: dict[str, int] = field(default_factory=dict)
 
 
 class FileValidator:
     def __init__(
         self,
         endpoint: str,
-        is_routable: Callable[[str], bool],
+        endpoints_of: Callable[[str], tuple[str, ...] | None],
         limits: BatchLimits,
         served_models: list[str] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self._served = ", ".join(f"'{m}'" for m in served_models or [])
-        self._is_routable = is_routable
-        self._routable_cache: dict[str, bool] = {}
+        self._endpoints_of = endpoints_of  # what a model's route serves; None: no route
+        self._endpoints_cache: dict[str, tuple[str, ...] | None] = {}
         self._limits = limits
         self._buffer = b""
         self._buffer_offset = 0  # file offset of _buffer[0]
+        self._past_bom = False
         self._skipping_long_line = False
         self._line_no = 0  # 1-based number of the last line seen
         self.total = 0
         self.errors: list[dict[str, Any]] = []
         self.error_count = 0
         self.models: dict[str, None] = {}
+        self.input_tokens: dict[str, int] = {}
         self._ids = DuplicateFinder()
         self._shards: list[dict[str, Any]] = []
         self._shard: dict[str, Any] | None = None
@@ -66,6 +72,13 @@ class FileValidator:
         data = self._buffer + chunk
         base = self._buffer_offset
         start = 0
+        if not self._past_bom:
+            if len(data) < len(UTF8_BOM) and UTF8_BOM.startswith(data):
+                self._buffer = data  # may still be a byte-order mark
+                return
+            self._past_bom = True
+            if data.startswith(UTF8_BOM):
+                start = len(UTF8_BOM)  # shards start after it; line 1 is the line after it
         while True:
             nl = data.find(b"\n", start)
             if nl < 0:
@@ -106,6 +119,7 @@ class FileValidator:
             error_count=self.error_count,
             models=list(self.models),
             possible_duplicates=duplicates,
+            input_tokens=self.input_tokens,
         )
 
     def close(self) -> None:
@@ -229,13 +243,23 @@ class FileValidator:
         if not isinstance(model, str):
             self._error("invalid_request", line, "body.model", "Model parameter must be a string.")
             return
-        if not self._routable(model):
+        endpoints = self._route_endpoints(model)
+        if endpoints is None:
             served = f" Models served here: {self._served}." if self._served else ""
             self._error(
                 "model_not_found",
                 line,
                 "body.model",
                 f"The provided model '{model}' is not supported by the Batch API.{served}",
+            )
+            return
+        if self.endpoint not in endpoints:
+            self._error(
+                "unsupported_endpoint",
+                line,
+                "body.model",
+                f"The model '{model}' does not serve {self.endpoint} here; it serves "
+                f"{', '.join(endpoints)}.",
             )
             return
         if body.get(required) is None:
@@ -248,14 +272,17 @@ class FileValidator:
             return
         if len(self.models) < 16:
             self.models.setdefault(model, None)
+        if len(self.input_tokens) < 10_000 or model in self.input_tokens:
+            tokens = estimate_prompt_tokens(self.endpoint, body)
+            self.input_tokens[model] = self.input_tokens.get(model, 0) + tokens
 
-    def _routable(self, model: str) -> bool:
-        known = self._routable_cache.get(model)
-        if known is None:
-            known = self._is_routable(model)
-            if len(self._routable_cache) < 10_000:
-                self._routable_cache[model] = known
-        return known
+    def _route_endpoints(self, model: str) -> tuple[str, ...] | None:
+        if model in self._endpoints_cache:
+            return self._endpoints_cache[model]
+        endpoints = self._endpoints_of(model)
+        if len(self._endpoints_cache) < 10_000:
+            self._endpoints_cache[model] = endpoints
+        return endpoints
 
 
 async def confirm_duplicates(
@@ -296,8 +323,11 @@ async def confirm_duplicates(
 async def first_request_url(chunks: AsyncIterator[bytes]) -> str | None:
     """The `url` of the first request line, read no further than that line."""
     buffer = b""
+    at_start = True
     async for chunk in chunks:
         buffer += chunk
+        if at_start and len(buffer) >= len(UTF8_BOM):
+            buffer, at_start = buffer.removeprefix(UTF8_BOM), False
         while b"\n" in buffer:
             raw, buffer = buffer.split(b"\n", 1)
             if raw.strip():

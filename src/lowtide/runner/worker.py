@@ -16,7 +16,7 @@ from lowtide.blobs import BlobStore
 from lowtide.config import Config
 from lowtide.engines.router import Router
 from lowtide.ids import new_worker_id
-from lowtide.runner import sweeper
+from lowtide.runner import budgets, sweeper
 from lowtide.runner.finalize import finalize_batch
 from lowtide.runner.shard_runner import RunnerContext, ShardRun
 from lowtide.runner.validation import FileValidator, confirm_duplicates
@@ -40,7 +40,9 @@ class Worker:
         self.blobs = blobs
         self.config = config
         self.router = router
-        self.ctx = RunnerContext(db, blobs, router, config.worker)
+        self.ctx = RunnerContext(
+            db, blobs, router, config.worker, spend=budgets.DailySpend(db, config)
+        )
         self._wake = asyncio.Event()
         self._stopping = False
         self._shards: dict[asyncio.Task[None], ShardRun] = {}
@@ -240,7 +242,7 @@ class Worker:
         assert source is not None
         validator = FileValidator(
             batch.endpoint,
-            lambda m: self.router.route_for(m) is not None,
+            self._endpoints_of,
             limits,
             self.router.served_models(),
         )
@@ -256,6 +258,10 @@ class Worker:
             errors += await confirm_duplicates(
                 self.blobs.iter_chunks(source.blob_key), result.possible_duplicates
             )
+        if not errors:
+            errors = await budgets.refusals(
+                self.db, self.config, self.router, batch, result.input_tokens
+            )
         errors.sort(key=lambda e: (e["line"] is not None, e["line"] or 0))
         errors = errors[: limits.max_errors_reported]
         shard_rows = [ShardRow(batch_id=batch.id, **s) for s in result.shards]
@@ -268,6 +274,7 @@ class Worker:
             total=result.total,
             model=",".join(result.models[:5]) or None,
             errors=errors or None,
+            estimated_tokens=sum(result.input_tokens.values()),
         )
         if started:
             log.info(
@@ -277,6 +284,16 @@ class Worker:
                 len(shard_rows),
                 len(errors),
             )
+
+    def _endpoints_of(self, model: str) -> tuple[str, ...] | None:
+        route = self.router.route_for(model)
+        return route.served_endpoints() if route is not None else None
+
+    def route_problems(self) -> dict[str, str]:
+        """Routes this process stopped sending to because the upstream refuses them."""
+        return {
+            name: c.problem for name, c in self.ctx.controllers.items() if c.problem is not None
+        }
 
     def _log_routes(self) -> None:
         """Every 30 s, one line per busy route: the same numbers /metrics exports."""

@@ -1,10 +1,11 @@
 """The use cases, once: every face (OpenAI API, CLI, and later ones) calls these and nothing below."""
 
-from lowtide.service.batches import BatchService, BatchView
+from lowtide.service.batches import BatchRequest, BatchService, BatchView
 from lowtide.service.files import FileService, FileUpload
 from lowtide.store.rows import BatchRow, Counts, FileRow
 
 __all__ = [
+    "BatchRequest",
     "BatchRow",
     "BatchService",
     "BatchView",

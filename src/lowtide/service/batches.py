@@ -33,6 +33,7 @@ class BatchView:
 
     row: BatchRow
     counts: Counts
+    currency: str = "USD"
 
     @property
     def lines_per_second(self) -> float | None:
@@ -52,36 +53,35 @@ class BatchView:
         return int(time.time() + left / rate)
 
 
+@dataclass(slots=True)
+class BatchRequest:
+    """What a client asks for when it creates a batch (or estimates one)."""
+
+    input_file_id: str
+    endpoint: str
+    completion_window: str
+    metadata: dict[str, Any] | None = None
+    output_expires_after: tuple[str, int] | None = None  # (anchor, seconds)
+
+
 class BatchService(UseCases):
     async def create(
-        self,
-        project: str,
-        *,
-        input_file_id: str,
-        endpoint: str,
-        completion_window: str,
-        metadata: dict[str, Any] | None = None,
-        output_expires_after: tuple[str, int] | None = None,
-        idempotency_key: str | None = None,
+        self, project: str, request: BatchRequest, *, idempotency_key: str | None = None
     ) -> BatchView:
         """A new batch waiting for validation; with a known idempotency key, the first one."""
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
             raise invalid_value(
                 "Idempotency-Key", "The Idempotency-Key header must be 1 to 255 characters long."
             )
-        _check_endpoint(endpoint)
-        window = self._window_seconds(completion_window)
-        _check_metadata(metadata)
-        output_ttl = None
-        if output_expires_after is not None:
-            output_ttl = expires_after_seconds("output_expires_after", *output_expires_after)
+        window, output_ttl = self.check(request)
+        metadata = request.metadata
         now = int(time.time())
         row = BatchRow(
             id=new_batch_id(),
             project=project,
-            endpoint=endpoint,
-            input_file_id=input_file_id,
-            completion_window=completion_window,
+            endpoint=request.endpoint,
+            input_file_id=request.input_file_id,
+            completion_window=request.completion_window,
             status=BatchStatus.VALIDATING,
             created_at=now,
             expires_at=now + window,
@@ -93,8 +93,8 @@ class BatchService(UseCases):
         earlier = await batch_store.insert_batch(self._db, row)
         if earlier is None:
             self._wake()
-            return BatchView(row, Counts())
-        asked = (input_file_id, endpoint, completion_window)
+            return BatchView(row, Counts(), self._currency)
+        asked = (request.input_file_id, request.endpoint, request.completion_window)
         if (earlier.input_file_id, earlier.endpoint, earlier.completion_window) != asked:
             raise ApiError(
                 409,
@@ -105,6 +105,19 @@ class BatchService(UseCases):
                 headers={"x-should-retry": "false"},
             )
         return (await self._views([earlier]))[0]
+
+    def check(self, request: BatchRequest) -> tuple[int, int | None]:
+        """Every check a create makes before it writes anything (the estimate makes them too):
+        the window in seconds and the output files' time to live, or a 400."""
+        _check_endpoint(request.endpoint)
+        window = self._window_seconds(request.completion_window)
+        _check_metadata(request.metadata)
+        output_ttl = None
+        if request.output_expires_after is not None:
+            output_ttl = expires_after_seconds(
+                "output_expires_after", *request.output_expires_after
+            )
+        return window, output_ttl
 
     async def get(self, project: str, batch_id: str) -> BatchView:
         return (await self._views([await self._row(project, batch_id)]))[0]
@@ -156,7 +169,11 @@ class BatchService(UseCases):
         running = [r.id for r in rows if r.status not in TERMINAL]
         live = await batch_store.live_counts(self._db, running)
         return [
-            BatchView(r, Counts.of(r) if r.status in TERMINAL else live.get(r.id, Counts()))
+            BatchView(
+                r,
+                Counts.of(r) if r.status in TERMINAL else live.get(r.id, Counts()),
+                self._currency,
+            )
             for r in rows
         ]
 

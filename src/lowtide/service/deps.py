@@ -19,6 +19,7 @@ class Deps:
     blobs: BlobStore
     limits: BatchLimits
     wake: Callable[[], None]  # new work, a delete or a cancel: tell this process's worker now
+    currency: str = "USD"
 
 
 class UseCases:
@@ -31,6 +32,7 @@ class UseCases:
             deps.limits,
             deps.wake,
         )
+        self._currency = deps.currency
 
 
 def expires_after_seconds(param: str, anchor: str | None, seconds: object) -> int:

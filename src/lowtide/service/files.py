@@ -13,7 +13,7 @@ from lowtide.ids import new_file_id
 from lowtide.service.deps import UseCases, expires_after_seconds
 from lowtide.store import files as file_store
 from lowtide.store.rows import FileRow
-from lowtide.vocabulary import UPLOAD_PURPOSES, FilePurpose
+from lowtide.vocabulary import UPLOAD_PURPOSES, UTF8_BOM, FilePurpose
 
 
 class FileUpload:
@@ -22,13 +22,17 @@ class FileUpload:
     def __init__(self, file_id: str, writer: BlobWriter, max_bytes: int) -> None:
         self.file_id = file_id
         self.bytes = 0
-        self.first_byte = b""  # the first non-blank byte: a JSONL file starts with '{'
+        # The first non-blank byte after any byte-order mark (a JSONL file starts with '{'),
+        # and the line it is on.
+        self.first_byte = b""
+        self.first_line = 1
+        self._lead: bytes | None = b""  # the first bytes, until we know if they are a BOM
         self._writer = writer
         self._max_bytes = max_bytes
 
     async def write(self, data: bytes) -> None:
         if not self.first_byte:
-            self.first_byte = data.lstrip()[:1]
+            self._look_for_first_byte(data)
         self.bytes += len(data)
         if self.bytes > self._max_bytes:
             raise file_too_large(self._max_bytes)
@@ -36,6 +40,16 @@ class FileUpload:
 
     async def commit(self) -> None:
         await self._writer.commit()
+
+    def _look_for_first_byte(self, data: bytes) -> None:
+        if self._lead is not None:
+            self._lead += data
+            if len(self._lead) < len(UTF8_BOM) and UTF8_BOM.startswith(self._lead):
+                return  # may still be a byte-order mark
+            data, self._lead = self._lead.removeprefix(UTF8_BOM), None
+        stripped = data.lstrip()
+        self.first_line += data[: len(data) - len(stripped)].count(b"\n")
+        self.first_byte = stripped[:1]
 
     async def abort(self) -> None:
         await self._writer.abort()
@@ -76,10 +90,15 @@ class FileService(UseCases):
             now = int(time.time())
             expires_at = self._expiry(purpose, now, expires_after_anchor, expires_after_seconds)
             if purpose == FilePurpose.BATCH and upload.first_byte != b"{":
+                problem = (
+                    f"line {upload.first_line} is not a JSON object"
+                    if upload.first_byte
+                    else "the file has no lines"
+                )
                 raise ApiError(
                     400,
-                    "Invalid file format for Batch API. Must be .jsonl: one JSON request object "
-                    "per line.",
+                    f"Invalid file format for Batch API: {problem}. Must be .jsonl: one JSON "
+                    "request object per line.",
                     param="file",
                     code="invalid_file_format",
                 )

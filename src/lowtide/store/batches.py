@@ -5,14 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, insert, select, update
+from sqlalchemy import and_, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from lowtide.store.database import Database
 from lowtide.store.pages import page
 from lowtide.store.rows import BatchRow, Counts, ShardRow
 from lowtide.store.schema import batches, shard_count_sums, shards
-from lowtide.vocabulary import STOPPABLE, BatchStatus, StopReason
+from lowtide.vocabulary import STOPPABLE, UNFINISHED, BatchStatus, StopReason
 
 
 async def insert_batch(db: Database, row: BatchRow) -> BatchRow | None:
@@ -120,6 +120,7 @@ async def finish_validation(
     total: int,
     model: str | None,
     errors: list[dict[str, Any]] | None,
+    estimated_tokens: int = 0,
 ) -> bool:
     """Store the shard plan and start the batch, or fail it with its errors, in one step."""
     guard = and_(
@@ -141,6 +142,7 @@ async def finish_validation(
             "in_progress_at": now,
             "total": total,
             "model": model,
+            "estimated_tokens": estimated_tokens,
         }
     async with db.write() as conn:
         result = await conn.execute(update(batches).where(guard).values(**values, **release))
@@ -150,3 +152,26 @@ async def finish_validation(
             chunk = shard_rows[start : start + 500]
             await conn.execute(insert(shards), [s.values() for s in chunk])
     return True
+
+
+async def set_paused_reason(db: Database, batch_id: str, reason: str | None) -> None:
+    """Why the batch's lines wait (a route refused, a budget spent); None when they run again."""
+    async with db.write() as conn:
+        await conn.execute(
+            update(batches).where(batches.c.id == batch_id).values(paused_reason=reason)
+        )
+
+
+async def enqueued_tokens(db: Database, project: str, *, besides: str) -> int:
+    """Estimated input tokens of the project's unfinished batches, other than `besides`."""
+    async with db.read() as conn:
+        total = (
+            await conn.execute(
+                select(func.coalesce(func.sum(batches.c.estimated_tokens), 0)).where(
+                    batches.c.project == project,
+                    batches.c.status.in_(UNFINISHED),
+                    batches.c.id != besides,
+                )
+            )
+        ).scalar()
+    return int(total or 0)

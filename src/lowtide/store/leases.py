@@ -46,6 +46,7 @@ class ShardClaim:
     committed: int
     endpoint: str
     input_file_id: str
+    project: str = "default"
     priority: str = "normal"
     created_at: int = 0
     expires_at: int = 0
@@ -224,6 +225,7 @@ async def claim_shards(
             shards,
             batches.c.endpoint,
             batches.c.input_file_id,
+            batches.c.project,
             batches.c.seq,
             batches.c.priority,
             batches.c.created_at,
@@ -287,6 +289,7 @@ async def claim_shards(
                         committed=row.committed,
                         endpoint=row.endpoint,
                         input_file_id=row.input_file_id,
+                        project=row.project,
                         priority=row.priority,
                         created_at=row.created_at,
                         expires_at=row.expires_at or 0,

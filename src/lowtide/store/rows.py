@@ -27,14 +27,24 @@ class Counts(Usage):
 
     completed: int = 0
     failed: int = 0
+    # Money, in the server's currency: what the lines cost at the batch price and what the same
+    # tokens cost at the synchronous price; lines that ran on a route without prices.
+    cost: float = 0.0
+    sync_cost: float = 0.0
+    unpriced: int = 0
+    # Lines whose results were lost to an early stop (lease lost, shutdown) and ran again: paid
+    # twice upstream, not in the files.
+    rerun_lines: int = 0
 
     @classmethod
     def of(cls, source: Any) -> Counts:
         """The counts of anything that has them as attributes (a row, a result row)."""
-        return cls(**{name: int(getattr(source, name)) for name in COUNT_COLUMNS})
+        return cls(**{name: _CASTS[name](getattr(source, name) or 0) for name in COUNT_COLUMNS})
 
 
 COUNT_COLUMNS = tuple(f.name for f in fields(Counts))
+MONEY_COLUMNS = ("cost", "sync_cost")
+_CASTS = {name: float if name in MONEY_COLUMNS else int for name in COUNT_COLUMNS}
 
 
 class _Record:
@@ -96,12 +106,14 @@ class BatchRow(Counts, _Record):
     stop_reason: StopReason | None = None
     priority: str = DEFAULT_PRIORITY
     total: int = 0
+    estimated_tokens: int = 0
     # The counts (inherited) are final, written once at finalize; while the batch runs they
     # are summed from its shards.
     lease_owner: str | None = None
     lease_expires_at: float | None = None
     lease_epoch: int = 0
     idempotency_key: str | None = None
+    paused_reason: str | None = None
     seq: int | None = None
 
     def __post_init__(self) -> None:

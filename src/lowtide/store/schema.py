@@ -17,20 +17,22 @@ from sqlalchemy import (
     func,
 )
 
-from lowtide.store.rows import COUNT_COLUMNS
+from lowtide.store.rows import COUNT_COLUMNS, MONEY_COLUMNS
 
 metadata = MetaData()
 
 
-def _count_columns(lines_type: type[Integer]) -> list[Column[int]]:
-    """Line counts (`lines_type`) and token sums: one set per shard, one per finished batch."""
+def _count_columns(lines_type: type[Integer]) -> list[Column[Any]]:
+    """Line counts (`lines_type`), token sums and money: one set per shard, one per batch."""
+    lines = ("completed", "failed", "unpriced", "rerun_lines")
+
+    def kind(name: str) -> Any:
+        if name in MONEY_COLUMNS:
+            return Float
+        return lines_type if name in lines else BigInteger
+
     return [
-        Column(
-            name,
-            lines_type if name in ("completed", "failed") else BigInteger,
-            nullable=False,
-            default=0,
-        )
+        Column(name, kind(name), nullable=False, default=0, server_default="0")
         for name in COUNT_COLUMNS
     ]
 
@@ -84,12 +86,16 @@ batches = Table(
     # Share of the engines relative to other batches: 'high' | 'normal' | 'low' (from metadata).
     Column("priority", String(8), nullable=False, server_default="normal"),
     Column("total", BigInteger, nullable=False, default=0),
+    # Input tokens of its lines, estimated at validation: what the enqueued-token budget weighs.
+    Column("estimated_tokens", BigInteger, nullable=False, default=0, server_default="0"),
     # Final counts and usage, written once at finalize; while running they are summed from shards.
     *_count_columns(BigInteger),
     # Lease for the batch-level tasks (validation, finalize): owner, expiry, fencing number.
     Column("lease_owner", String(64)),
     Column("lease_expires_at", Float),
     Column("lease_epoch", BigInteger, nullable=False, default=0),
+    # Why the batch's lines wait while it runs (e.g. the upstream refuses a route); null if not.
+    Column("paused_reason", Text),
     # The client's Idempotency-Key header: a retried create returns the batch it made first.
     Column("idempotency_key", String(255)),
     Index("ix_batches_project_seq", "project", "seq"),
@@ -131,3 +137,23 @@ segments = Table(
 def shard_count_sums() -> list[Any]:
     """SUM of each count column over shards (0 where none): a batch's counts while it runs."""
     return [func.coalesce(func.sum(shards.c[name]), 0).label(name) for name in COUNT_COLUMNS]
+
+
+# What each project used and spent, a row per UTC day, model and endpoint: written with each
+# segment commit (same transaction), read by the organization usage and costs endpoints and
+# by the daily budgets.
+usage_daily = Table(
+    "usage_daily",
+    metadata,
+    Column("project", String(128), primary_key=True),
+    Column("day", BigInteger, primary_key=True, autoincrement=False),  # unix time of 00:00 UTC
+    Column("model", String(255), primary_key=True),
+    Column("endpoint", String(64), primary_key=True),
+    Column("requests", BigInteger, nullable=False, default=0),
+    Column("input_tokens", BigInteger, nullable=False, default=0),
+    Column("output_tokens", BigInteger, nullable=False, default=0),
+    Column("cached_tokens", BigInteger, nullable=False, default=0),
+    Column("cost", Float, nullable=False, default=0),
+    Column("sync_cost", Float, nullable=False, default=0),
+    Index("ix_usage_daily_day", "day"),
+)

@@ -3,6 +3,7 @@ and leave it as output files published together with the batch's terminal status
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,7 @@ from lowtide.store.files import insert_file
 from lowtide.store.leases import ShardClaim, held
 from lowtide.store.rows import COUNT_COLUMNS, Counts, FileRow, SegmentRow, ShardRow
 from lowtide.store.schema import batches, segments, shard_count_sums, shards
+from lowtide.store.usage import UsageDelta, add_usage, day_of
 from lowtide.vocabulary import ShardStatus
 
 
@@ -26,8 +28,19 @@ class Segment:
     counts: Counts
 
 
-async def commit_segment(db: Database, claim: ShardClaim, segment: Segment, *, done: bool) -> bool:
-    """Record a segment if this worker still holds the shard and it extends the committed prefix."""
+async def commit_segment(
+    db: Database,
+    claim: ShardClaim,
+    segment: Segment,
+    *,
+    done: bool,
+    usage: list[UsageDelta] | None = None,
+    now: float | None = None,
+) -> bool:
+    """Record a segment if this worker still holds the shard and it extends the committed prefix.
+
+    Its usage goes into the project's daily ledger in the same transaction, so counts, cost and
+    ledger can never disagree with the files, whatever crashes."""
     values: dict[str, Any] = {"committed": segment.first + segment.lines}
     for name in COUNT_COLUMNS:
         values[name] = shards.c[name] + getattr(segment.counts, name)
@@ -39,6 +52,7 @@ async def commit_segment(db: Database, claim: ShardClaim, segment: Segment, *, d
         )
         if result.rowcount != 1:
             return False
+        await add_usage(conn, claim.project, day_of(now or time.time()), usage or [])
         if segment.lines:
             await conn.execute(
                 insert(segments).values(

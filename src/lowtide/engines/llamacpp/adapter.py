@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from lowtide.config import ModelRoute
 from lowtide.engines.base import Engine, EngineResponse, error_response
 from lowtide.engines.completions import completion_body
 from lowtide.engines.llamacpp.decoder import BatchedDecoder, SamplingParams, Sequence
+from lowtide.engines.llamacpp.tokens import PromptTokens, load_vocab
 from lowtide.engines.llamacpp.weights import prepare_weights
 from lowtide.engines.model_files import smollm2_gguf
 from lowtide.ids import new_request_id
@@ -30,8 +32,10 @@ class LlamaCppEngine(Engine):
         self._route = route
         self._cache_dir = cache_dir
         self._decoder: BatchedDecoder | None = None
-        self._formatter: Any = None
-        self._add_bos = False
+        self._tokens: PromptTokens | None = None
+        self._counting: PromptTokens | None = None  # vocab-only, for estimates
+        self._counting_lock = threading.Lock()
+        self._counting_failed = False
         self._load_error: str | None = None
         self._lock = asyncio.Lock()
 
@@ -45,10 +49,12 @@ class LlamaCppEngine(Engine):
                 self._load_error = f"The model '{self.name}' could not be loaded: {exc}"
                 log.error(self._load_error)
 
+    def _source(self) -> Path:
+        return Path(self._route.model_path) if self._route.model_path else smollm2_gguf()
+
     def _load(self) -> BatchedDecoder:
         route = self._route
-        source = Path(route.model_path) if route.model_path else smollm2_gguf()
-        path = prepare_weights(source, self._cache_dir, route.weights)
+        path = prepare_weights(self._source(), self._cache_dir, route.weights)
         started = time.monotonic()
         decoder = BatchedDecoder(
             path,
@@ -56,8 +62,7 @@ class LlamaCppEngine(Engine):
             context_per_slot=route.context_size,
             threads=route.threads or os.cpu_count() or 1,
         )
-        self._formatter = _chat_formatter(decoder)
-        self._add_bos = decoder.model.add_bos_token()
+        self._tokens = PromptTokens(decoder.model, self.name)
         log.info(
             "loaded %s (%s, %d slots) in %.2fs",
             self.name,
@@ -77,11 +82,11 @@ class LlamaCppEngine(Engine):
         await self.start()
         if self._load_error:
             raise RuntimeError(self._load_error)
-        decoder = self._decoder
-        assert decoder is not None
+        decoder, tokens = self._decoder, self._tokens
+        assert decoder is not None and tokens is not None
         chat = endpoint == "/v1/chat/completions"
         try:
-            prompt_text = self._prompt(body, chat)
+            prompt_text = tokens.text(body, chat)
             params = _sampling_params(body, chat, decoder.context_per_slot)
             n = body.get("n") or 1
             if not isinstance(n, int) or not 1 <= n <= 16:
@@ -89,7 +94,7 @@ class LlamaCppEngine(Engine):
         except ValueError as exc:
             message, param = exc.args if len(exc.args) == 2 else (str(exc), None)
             return error_response(400, message, param=param)
-        prompt = decoder.tokenize(prompt_text, add_bos=self._add_bos and not chat)
+        prompt = tokens.tokenize(prompt_text, chat)
         limit = decoder.context_per_slot
         if len(prompt) >= limit:
             return error_response(
@@ -116,41 +121,6 @@ class LlamaCppEngine(Engine):
         return EngineResponse(
             200, self._response(body, chat, len(prompt), results), new_request_id()
         )
-
-    def _prompt(self, body: dict[str, Any], chat: bool) -> str:
-        if not chat:
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-                prompt = prompt[0]
-            if not isinstance(prompt, str):
-                raise ValueError("'prompt' must be a string.", "prompt")
-            return prompt
-        if body.get("tools") or body.get("functions"):
-            raise ValueError(f"Model '{self.name}' does not support tools.", "tools")
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ValueError("'messages' must be a non-empty array.", "messages")
-        cleaned = []
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                raise ValueError(
-                    f"messages[{i}] must be an object with a 'role'.", f"messages[{i}]"
-                )
-            content = message.get("content")
-            if isinstance(content, list):  # content parts: keep the text ones
-                content = "".join(
-                    p.get("text", "")
-                    for p in content
-                    if isinstance(p, dict) and p.get("type") == "text"
-                )
-            if not isinstance(content, str):
-                raise ValueError(
-                    f"messages[{i}].content must be a string or text parts.",
-                    f"messages[{i}].content",
-                )
-            role = "system" if message["role"] == "developer" else message["role"]
-            cleaned.append({"role": role, "content": content})
-        return self._formatter(messages=cleaned).prompt
 
     def _response(
         self,
@@ -180,10 +150,38 @@ class LlamaCppEngine(Engine):
         out["system_fingerprint"] = None
         return out
 
+    def count_input_tokens(self, endpoint: str, bodies: list[dict[str, Any]]) -> list[int] | None:
+        """`usage.prompt_tokens` of each request: the loaded model's tokenizer, or else the
+        GGUF's vocabulary alone (loaded once, no weights)."""
+        if endpoint not in ("/v1/chat/completions", "/v1/completions"):
+            return None
+        tokens = self._tokens or self._vocab_only()
+        if tokens is None:
+            return None
+        chat = endpoint == "/v1/chat/completions"
+        return [tokens.count(body, chat) for body in bodies]
+
+    def default_max_output_tokens(self, endpoint: str) -> int | None:
+        # As _sampling_params defaults it: the whole context for chat, 16 for completions.
+        return self._route.context_size if endpoint == "/v1/chat/completions" else 16
+
+    def _vocab_only(self) -> PromptTokens | None:
+        with self._counting_lock:
+            if self._counting is None and not self._counting_failed:
+                try:
+                    self._counting = PromptTokens(load_vocab(self._source()), self.name)
+                except Exception as exc:  # no tokenizer: estimates approximate instead
+                    self._counting_failed = True
+                    log.warning(
+                        "%s: cannot load the vocabulary to count tokens: %s", self.name, exc
+                    )
+            return self._counting
+
     async def close(self) -> None:
         if self._decoder is not None:
             await asyncio.to_thread(self._decoder.close)
             self._decoder = None
+        self._tokens = self._counting = None
 
 
 def _sampling_params(body: dict[str, Any], chat: bool, context: int) -> SamplingParams:
@@ -210,25 +208,3 @@ def _sampling_params(body: dict[str, Any], chat: bool, context: int) -> Sampling
     ):
         raise ValueError("'stop' must be a string or up to 4 non-empty strings.", "stop")
     return SamplingParams(max_tokens, float(temperature), float(top_p), seed, stop)
-
-
-def _chat_formatter(decoder: BatchedDecoder) -> Any:
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-    metadata = decoder.model.metadata()
-    template = metadata.get("tokenizer.chat_template")
-    if not template:  # a GGUF without a template: ChatML is the common default
-        template = (
-            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-        )
-    model = decoder.model
-
-    def piece(token: int) -> str:
-        # _internals.token_to_piece returns its whole 32-byte buffer: drop the NUL padding.
-        raw = model.token_to_piece(token, special=True).rstrip(b"\0") if token >= 0 else b""
-        return raw.decode("utf-8", errors="ignore")
-
-    return Jinja2ChatFormatter(
-        template=template, eos_token=piece(model.token_eos()), bos_token=piece(model.token_bos())
-    )

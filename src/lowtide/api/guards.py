@@ -1,0 +1,108 @@
+"""The front door, before any route runs: who is asking, and how much they may send.
+
+A pure ASGI layer, so it sees the raw request: the API key is checked from the headers before a
+single body byte is read (a request without a valid key costs a header parse), and a JSON body
+is counted as it actually arrives — `Content-Length` or chunked — and refused with 413 the
+moment it passes the limit, never buffered beyond it. Uploads (`POST /v1/files`) stream to the
+blob store and are bounded there, by the upload limit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from lowtide.api.auth import bearer_token, project_for
+from lowtide.api.responses import json_response
+from lowtide.errors import ApiError, error_envelope
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+App = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+UPLOAD_PATH = "/v1/files"
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+class FrontDoor:
+    def __init__(
+        self, app: App, api_keys: dict[str, str], admin_keys: set[str], max_json_body: int
+    ) -> None:
+        self.app = app
+        self.api_keys = api_keys
+        self.admin_keys = admin_keys  # keys that see every project's usage and costs
+        self.max_json_body = max_json_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if scope["path"].startswith("/v1/") or scope["path"] == "/v1":
+            authorization = headers.get(b"authorization", b"")
+            try:
+                project = project_for(self.api_keys, authorization)
+            except ApiError as exc:
+                return await _answer(scope, receive, send, exc.status, exc.envelope(), close=True)
+            state = scope.setdefault("state", {})
+            state["project"] = project
+            state["admin"] = (
+                bool(self.admin_keys) and bearer_token(authorization) in self.admin_keys
+            )
+        if scope["method"] in _BODY_METHODS and scope["path"] != UPLOAD_PATH:
+            body = await self._bounded_body(headers.get(b"content-length"), receive)
+            if body is None:
+                message = f"The request body is larger than {self.max_json_body:,} bytes."
+                envelope = error_envelope(message, "invalid_request_error", None, "body_too_large")
+                return await _answer(scope, receive, send, 413, envelope, close=True)
+            receive = _replay(body, receive)
+        return await self.app(scope, receive, send)
+
+    async def _bounded_body(self, declared: bytes | None, receive: Receive) -> bytes | None:
+        """The whole body if it fits the limit, else None (having read at most limit + 1 chunk)."""
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_json_body):
+            return None
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_json_body:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that hands the app the body read already, then whatever comes next."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def _answer(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    status: int,
+    envelope: dict[str, Any],
+    *,
+    close: bool = False,
+) -> None:
+    """Answer without reading the body; `close` ends the connection after the answer, so the
+    server does not go on reading (and discarding) the rest of the body."""
+    headers = {"connection": "close"} if close else None
+    await json_response(envelope, status, headers)(scope, receive, send)
