@@ -150,3 +150,49 @@ def test_a_body_that_stops_arriving_is_cut_off(door):
         pass
     assert time.monotonic() - started < 8  # read_timeout is 2 s
     conn.close()
+
+
+def test_characters_no_database_can_store_are_refused_not_a_500(door):
+    """PostgreSQL text cannot hold NUL and no database stores a lone surrogate: such ids and
+    cursors match nothing, and such bodies are 400s, never a server error."""
+    auth = {"Authorization": "Bearer sk-door"}
+    base = door.base_url
+    assert httpx.get(f"{base}/files/file-%00", headers=auth).status_code == 404
+    assert httpx.get(f"{base}/batches/batch_%00x", headers=auth).status_code == 404
+    assert httpx.post(f"{base}/batches/batch_%00/cancel", headers=auth).status_code == 404
+    for url in (
+        f"{base}/files?after=a%00b",
+        f"{base}/files?purpose=%00",
+        f"{base}/batches?after=%00",
+    ):
+        r = httpx.get(url, headers=auth)
+        assert r.status_code == 200 and r.json()["data"] == [], url
+    for body, param in (
+        (
+            b'{"input_file_id": "f\\u0000", "endpoint": "/v1/chat/completions", "completion_window": "24h"}',
+            "input_file_id",
+        ),
+        (
+            b'{"input_file_id": "f\\ud800", "endpoint": "/v1/chat/completions", "completion_window": "24h"}',
+            None,
+        ),
+        (
+            b'{"input_file_id": "f\xff", "endpoint": "/v1/chat/completions", "completion_window": "24h"}',
+            None,
+        ),
+    ):
+        r = httpx.post(
+            f"{base}/batches", content=body, headers={**auth, "Content-Type": "application/json"}
+        )
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+    form = (  # written by hand: clients escape a NUL in a filename, a hostile one need not
+        b'--xyz\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="in\x00.jsonl"\r\n\r\n'
+        b'{"a": 1}\n\r\n--xyz--\r\n'
+    )
+    r = httpx.post(
+        f"{base}/files",
+        content=form,
+        headers={**auth, "Content-Type": "multipart/form-data; boundary=xyz"},
+    )
+    assert r.status_code == 400 and "NUL" in r.json()["error"]["message"]

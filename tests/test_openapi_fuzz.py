@@ -189,5 +189,10 @@ def test_schemathesis_finds_no_failures(fuzz_server, tmp_path):
     print(output[-20000:])
     print(f"schemathesis took {time.monotonic() - started:.0f}s")
     assert run.returncode == 0, f"schemathesis found failures:\n{output[-20000:]}"
-    assert "No issues found" in output
+    # A run may end with a coverage note instead of "No issues found": on some runs (timing)
+    # the stateful phase never holds a live batch id for cancel, and says so as "Missing test
+    # data". That is a gap in what was tried, not a finding; anything else must not appear.
+    assert "No issues found" in output or (
+        "Missing test data" in output and "FAILURES" not in output
+    ), output[-5000:]
     assert fuzz_server.proc is not None and fuzz_server.proc.poll() is None

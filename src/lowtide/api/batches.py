@@ -66,7 +66,7 @@ class OutputExpiresAfter(BaseModel):
 
 
 class CreateBatch(BaseModel):
-    input_file_id: str = Field(max_length=64)
+    input_file_id: str = Field(max_length=64, pattern="^[^\x00]*$")  # no NUL: never stored
     endpoint: str = Field(max_length=64, json_schema_extra={"enum": list(ENDPOINTS)})
     completion_window: str = Field(
         max_length=16,

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+import orjson
+
 from lowtide.api.auth import bearer_token, project_for
 from lowtide.api.responses import json_response
 from lowtide.errors import ApiError, error_envelope
@@ -56,6 +58,10 @@ class FrontDoor:
                 message = f"The request body is larger than {self.max_json_body:,} bytes."
                 envelope = error_envelope(message, "invalid_request_error", None, "body_too_large")
                 return await _answer(scope, receive, send, 413, envelope, close=True)
+            problem = _unstorable(body)
+            if problem is not None:
+                envelope = error_envelope(problem, "invalid_request_error", None, "invalid_json")
+                return await _answer(scope, receive, send, 400, envelope)
             receive = _replay(body, receive)
         return await self.app(scope, receive, send)
 
@@ -77,6 +83,18 @@ class FrontDoor:
             if not message.get("more_body", False):
                 break
         return b"".join(chunks)
+
+
+def _unstorable(body: bytes) -> str | None:
+    """Why a JSON body cannot be taken, or None. The route's own parser is lenient where the
+    databases are not: it takes lone surrogates ("\\ud800"), which no database can store."""
+    if not body.strip():
+        return None
+    try:
+        orjson.loads(body)  # strict: valid UTF-8, no lone surrogates
+    except orjson.JSONDecodeError:
+        return "We could not parse the JSON body of your request: it is not valid JSON in UTF-8."
+    return None
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -86,6 +86,8 @@ class FileService(UseCases):
     ) -> FileRow:
         """Check the form, then publish the blob and record the file; or abort the upload."""
         try:
+            if filename and "\x00" in filename:
+                raise invalid_value("file", "The filename contains a NUL character.")
             purpose = _check_purpose(purpose)
             now = int(time.time())
             expires_at = self._expiry(purpose, now, expires_after_anchor, expires_after_seconds)

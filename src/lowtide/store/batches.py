@@ -8,7 +8,7 @@ import orjson
 from sqlalchemy import and_, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from lowtide.store.database import Database
+from lowtide.store.database import Database, storable
 from lowtide.store.pages import page
 from lowtide.store.rows import BatchRow, Counts, ShardRow
 from lowtide.store.schema import batches, shard_count_sums, shards
@@ -39,6 +39,8 @@ async def insert_batch(db: Database, row: BatchRow) -> BatchRow | None:
 
 
 async def get_batch(db: Database, project: str, batch_id: str) -> BatchRow | None:
+    if not storable(batch_id):
+        return None
     async with db.read() as conn:
         row = (
             await conn.execute(
@@ -76,6 +78,8 @@ async def live_counts(db: Database, batch_ids: list[str]) -> dict[str, Counts]:
 
 async def request_cancel(db: Database, project: str, batch_id: str, now: int) -> BatchRow | None:
     """Move a running batch to cancelling; returns the row as it is afterwards."""
+    if not storable(batch_id):
+        return None
     async with db.write() as conn:
         await conn.execute(
             update(batches)

@@ -18,6 +18,12 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 
+def storable(*values: str | None) -> bool:
+    """Whether strings can be compared in SQL at all: PostgreSQL text cannot hold NUL, so an id,
+    cursor or filter with one matches nothing, on every backend alike."""
+    return not any(v is not None and "\x00" in v for v in values)
+
+
 def sqlite_url(data_dir: Path) -> str:
     return f"sqlite:///{(data_dir / 'lowtide.db').resolve()}"
 

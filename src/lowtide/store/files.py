@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import and_, delete, exists, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from lowtide.store.database import Database
+from lowtide.store.database import Database, storable
 from lowtide.store.pages import page
 from lowtide.store.rows import FileRow
 from lowtide.store.schema import batches, files
@@ -29,6 +29,8 @@ async def add_file(db: Database, row: FileRow) -> None:
 
 async def get_file(db: Database, project: str, file_id: str, now: int) -> FileRow | None:
     """The file if `project` owns it and it is neither deleted nor expired."""
+    if not storable(file_id):
+        return None
     async with db.read() as conn:
         row = (
             await conn.execute(
@@ -57,6 +59,8 @@ async def list_files(
     after: str | None,
     ascending: bool,
 ) -> tuple[list[FileRow], bool]:
+    if not storable(purpose):
+        return [], False
     query = select(files).where(files.c.project == project, _visible(now))
     if purpose:
         query = query.where(files.c.purpose == purpose)
@@ -67,6 +71,8 @@ async def list_files(
 
 
 async def soft_delete(db: Database, project: str, file_id: str, now: int) -> bool:
+    if not storable(file_id):
+        return False
     async with db.write() as conn:
         result = await conn.execute(
             update(files)

@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import Select, Table, select
 from sqlalchemy.engine import Row
 
-from lowtide.store.database import Database
+from lowtide.store.database import Database, storable
 
 
 async def page(
@@ -24,6 +24,8 @@ async def page(
 
     An unknown cursor (or one of another project) gives an empty last page, never a restart.
     """
+    if not storable(after):
+        return [], False
     async with db.read() as conn:
         if after:
             cursor = (
