@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 import httpx
 from openai import OpenAI
 
-from lowtide_sim.launch import read_stats, start_simulator
+from lowtide_sim.launch import read_stats, start_simulator, stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
@@ -35,16 +34,6 @@ def start_sim(*flags: str, timeout: float = 15.0) -> tuple[subprocess.Popen, str
     """The simulated upstream; returns (process, base URL ending in /v1)."""
     sim = start_simulator(*flags, timeout=timeout)
     return sim.process, sim.url
-
-
-def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def sim_stats(sim_url: str) -> dict:

@@ -89,17 +89,9 @@ class Simulator:
         reset(self.url)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
-        """Send ``sig``, wait up to ``timeout`` seconds, then SIGKILL."""
-        proc = self.process
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        stop_process(self.process, sig, timeout)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
 
     def __enter__(self) -> Simulator:
         return self
@@ -148,3 +140,14 @@ def start_simulator(
     Simulator(proc, "").stop()
     reason = f"exited with code {code}" if code is not None else f"not ready after {timeout}s"
     raise SimulatorError(f"simulator did not print READY: {reason}")
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+    """Send ``sig`` to any child process, wait up to ``timeout`` seconds, then SIGKILL."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
