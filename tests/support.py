@@ -52,7 +52,10 @@ class LowtideServer:
         self.proc: subprocess.Popen | None = None
         self.log_path = data_dir.parent / f"{data_dir.name}.log"
 
-    def start(self, timeout: float = 30.0, *extra: str) -> LowtideServer:
+    def start(
+        self, timeout: float = 30.0, *extra: str, env: dict[str, str] | None = None
+    ) -> LowtideServer:
+        """Start (or restart) the server; `env` adds variables for this run only."""
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
             [
@@ -72,7 +75,7 @@ class LowtideServer:
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=_env(),
+            env={**_env(), **(env or {})},
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -111,6 +111,21 @@ class ModelRoute(_Strict):
         None,
         description="batch endpoints this route serves (default: what its engine can serve)",
     )
+    # The provider's own Batch API (issue: provider batches): lines of this route go out in
+    # provider batches of at most these sizes, at the provider's batch price.
+    upstream_batch: bool = Field(False, description="send this route's lines as provider batches")
+    upstream_batch_max_lines: int = Field(50_000, ge=1, description="lines per provider batch")
+    upstream_batch_max_bytes: int = Field(
+        200 * 1000**2, ge=1024, description="bytes of one provider batch's input file"
+    )
+    upstream_batch_window: str = Field("24h", description="completion_window sent to the provider")
+    upstream_batch_poll_seconds: float = Field(
+        30.0, gt=0, description="first poll interval; it backs off while nothing changes"
+    )
+    upstream_batch_fallback: Literal["sync", "none"] = Field(
+        "none",
+        description="near the batch's deadline, run unfinished lines as synchronous calls",
+    )
 
     @field_validator("endpoints")
     @classmethod
@@ -134,7 +149,21 @@ class ModelRoute(_Strict):
     def _engine_needs(self) -> ModelRoute:
         if self.engine == "openai" and not self.base_url:
             raise ValueError(f"model route {self.name!r}: engine 'openai' needs base_url")
+        if self.upstream_batch and self.engine != "openai":
+            raise ValueError(
+                f"model route {self.name!r}: upstream_batch needs engine 'openai' (a provider "
+                "with a Files and Batches API)"
+            )
+        parse_duration(self.upstream_batch_window)
         return self
+
+    def price_factor(self, *, provider_batch: bool = False) -> float:
+        """The share of the synchronous price a line pays: a route that sends its lines as
+        provider batches pays the batch price there and the full price when it calls
+        synchronously (fallback); any other route bills at its batch_price_factor."""
+        if self.upstream_batch and not provider_batch:
+            return 1.0
+        return self.batch_price_factor
 
     def resolved_api_key(self) -> str | None:
         if self.api_key_env:

@@ -39,6 +39,25 @@ class ShardStatus(StrEnum):
     PENDING = "pending"
     RUNNING = "running"
     DONE = "done"
+    # Its lines go to a provider's Batch API: the upstream chunk it belongs to owns them.
+    UPSTREAM = "upstream"
+
+
+# A shard in one of these still has lines for a worker to run.
+SHARD_UNFINISHED = (ShardStatus.PENDING, ShardStatus.RUNNING)
+
+
+class ChunkStatus(StrEnum):
+    """An upstream chunk: lines sent together as one provider batch."""
+
+    PENDING = "pending"  # not yet submitted (or to be submitted again)
+    SUBMITTED = "submitted"  # the provider batch is recorded: poll it
+    DONE = "done"  # its results (and any retry chunk) are committed
+
+
+class ChunkMode(StrEnum):
+    BATCH = "batch"  # through the provider's Batch API
+    SYNC = "sync"  # fallback near the deadline: synchronous calls on the same route
 
 
 class FileStatus(StrEnum):

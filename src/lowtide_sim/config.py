@@ -38,6 +38,15 @@ class SimConfig:
     max_running: int = 0
     latency_dist: str = "fixed"
     latency_sigma: float = 0.5
+    # Files + Batch API (batches.py)
+    batch_turnaround_seconds: float = 1.0
+    batch_lines_per_second: float = 0.0
+    batch_cancel_seconds: float = 0.2
+    batch_rate_500: float = 0.0
+    batch_rate_expired: float = 0.0
+    batch_rate_drop: float = 0.0
+    batch_max_lines: int = 0
+    batch_token_limit: int = 0
 
 
 # Options that POST /sim/config may change while the server runs.
@@ -61,10 +70,26 @@ RUNTIME_FIELDS = frozenset(
         "latency_dist",
         "latency_sigma",
         "require_key",
+        "batch_turnaround_seconds",
+        "batch_lines_per_second",
+        "batch_cancel_seconds",
+        "batch_rate_500",
+        "batch_rate_expired",
+        "batch_rate_drop",
+        "batch_max_lines",
+        "batch_token_limit",
     }
 )
-RATE_FIELDS = ("rate_429", "rate_500", "rate_timeout", "rate_drop")
-INT_FIELDS = ("rpm", "tpm", "max_running")
+RATE_FIELDS = (
+    "rate_429",
+    "rate_500",
+    "rate_timeout",
+    "rate_drop",
+    "batch_rate_500",
+    "batch_rate_expired",
+    "batch_rate_drop",
+)
+INT_FIELDS = ("rpm", "tpm", "max_running", "batch_max_lines", "batch_token_limit")
 ENGINE_FIELDS = ("capacity_tokens_per_s", "max_tokens_per_s_per_request", "max_running")
 
 
@@ -199,6 +224,52 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
         type=_non_negative_int,
         default=0,
         help="requests decoding at once; the rest queue by priority (0: unlimited)",
+    )
+    b = p.add_argument_group("Files + Batch API")
+    b.add_argument(
+        "--batch-turnaround-seconds",
+        type=_non_negative,
+        default=defaults.batch_turnaround_seconds,
+        help="time a batch spends validating before it runs",
+    )
+    b.add_argument(
+        "--batch-lines-per-second",
+        type=_non_negative,
+        default=0.0,
+        help="pace of answering a batch's lines (0: all at once)",
+    )
+    b.add_argument(
+        "--batch-cancel-seconds",
+        type=_non_negative,
+        default=defaults.batch_cancel_seconds,
+        help="time from cancelling to cancelled",
+    )
+    b.add_argument(
+        "--batch-rate-500", type=_rate, default=0.0, help="per line: status 500 in the error file"
+    )
+    b.add_argument(
+        "--batch-rate-expired",
+        type=_rate,
+        default=0.0,
+        help="per line: not run, batch_expired in the error file, batch ends expired",
+    )
+    b.add_argument(
+        "--batch-rate-drop",
+        type=_rate,
+        default=0.0,
+        help="per Files/Batches request: close the connection (half after the action)",
+    )
+    b.add_argument(
+        "--batch-max-lines",
+        type=_non_negative_int,
+        default=0,
+        help="more lines fail validation (0: unlimited)",
+    )
+    b.add_argument(
+        "--batch-token-limit",
+        type=_non_negative_int,
+        default=0,
+        help="enqueued tokens per key; more: token_limit_exceeded (0: unlimited)",
     )
     args = p.parse_args(argv)
     values = vars(args)

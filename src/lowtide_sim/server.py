@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from lowtide_sim.batches import add_batch_routes
 from lowtide_sim.config import SimConfig
 from lowtide_sim.control import add_control_routes
 from lowtide_sim.errors import error_body, error_response, json_response
@@ -231,6 +232,7 @@ def build_app(config: SimConfig | None = None) -> web.Application:
     app.router.add_post("/v1/embeddings", _v1_route(EMBEDDINGS))
     app.router.add_post("/v1/responses", _v1_route(RESPONSES))
     app.router.add_get("/v1/models", _models)
+    add_batch_routes(app)  # /v1/files, /v1/batches: before the catch-all below
     app.router.add_route("*", "/v1/{tail:.*}", _unknown_v1)
     add_control_routes(app)
     return app

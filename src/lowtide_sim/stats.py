@@ -31,6 +31,14 @@ class Stats:
         self.rate_limited = 0
         self.prompt_tokens_total = 0
         self.completion_tokens_total = 0
+        # Files + Batch API. files_live is a gauge that batches.py keeps in sync (also after reset).
+        self.batches_created = 0
+        self.batches_cancelled = 0
+        self.batch_lines = 0
+        self.files_created = 0
+        self.files_deleted = 0
+        self.files_live = 0
+        self.batch_drops = 0
 
     def note_body(self, raw: bytes) -> int:
         """Record one received body and return how often it has been seen so far."""
@@ -55,6 +63,13 @@ class Stats:
             "rate_limited": self.rate_limited,
             "prompt_tokens_total": self.prompt_tokens_total,
             "completion_tokens_total": self.completion_tokens_total,
+            "batches_created": self.batches_created,
+            "batches_cancelled": self.batches_cancelled,
+            "batch_lines": self.batch_lines,
+            "files_created": self.files_created,
+            "files_deleted": self.files_deleted,
+            "files_live": self.files_live,
+            "batch_drops": self.batch_drops,
         }
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 
 from lowtide.service import BatchView, FileRow
-from lowtide.vocabulary import TERMINAL, FileStatus
+from lowtide.vocabulary import TERMINAL, ChunkMode, FileStatus
 
 
 def file_object(row: FileRow) -> dict[str, Any]:
@@ -74,6 +74,23 @@ def batch_object(view: BatchView) -> dict[str, Any]:
                 "no_price_lines": counts.unpriced,
             },
             "rerun_lines": counts.rerun_lines,
+            # Lines that go through the provider's own Batch API (upstream_batch routes).
+            "upstream_batches": {
+                "lines_with_provider": view.lines_with_provider,
+                "lines_to_submit": view.lines_to_submit,
+                "batches": [
+                    {
+                        "id": c.provider_batch_id,
+                        "status": c.provider_status,
+                        "lines": c.line_count,
+                        "mode": c.mode,
+                    }
+                    for c in view.chunks
+                    if c.provider_batch_id is not None or c.mode == ChunkMode.SYNC
+                ],
+            }
+            if view.chunks
+            else None,
         },
     }
 

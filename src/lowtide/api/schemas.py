@@ -113,6 +113,21 @@ class BatchCost(BaseModel):
     )
 
 
+class UpstreamBatch(BaseModel):
+    id: str | None = Field(description="the provider's batch id (null: synchronous fallback)")
+    status: str | None = Field(description="the provider batch's status when last polled")
+    lines: int
+    mode: Literal["batch", "sync"] = Field(
+        description="'sync': lines run as synchronous calls near the deadline"
+    )
+
+
+class UpstreamBatches(BaseModel):
+    lines_with_provider: int = Field(description="lines in provider batches not yet finished")
+    lines_to_submit: int = Field(description="lines waiting to go out in a provider batch")
+    batches: list[UpstreamBatch]
+
+
 class LowtideBatchExtension(BaseModel):
     """Lowtide's extension to the batch object (clients that do not know it ignore it)."""
 
@@ -125,6 +140,9 @@ class LowtideBatchExtension(BaseModel):
     cost: BatchCost
     rerun_lines: int = Field(
         description="lines that ran upstream twice because an early stop discarded their results"
+    )
+    upstream_batches: UpstreamBatches | None = Field(
+        description="lines sent through the provider's own Batch API (routes with upstream_batch)"
     )
 
 

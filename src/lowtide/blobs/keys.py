@@ -2,6 +2,8 @@
 
     files/<file id>                                      uploaded and published files
     segments/<batch id>/<shard>-<first line>-<nonce>.jsonl   committed (or orphaned) results
+    segments/<batch id>/chunk-<idx>-<nonce>.jsonl        results of an upstream chunk
+    segments/<batch id>/chunk-<idx>-<nonce>.lines        the lines a retry chunk sends
 
 The sweeper reads these back to find what a crash left behind, so parse beside build.
 """
@@ -26,6 +28,15 @@ def file_id_of(key: str) -> str:
 def segment_key(batch_id: str, shard_idx: int, first: int) -> str:
     """A fresh key per write: a retried commit must never overwrite a committed blob."""
     return f"{SEGMENTS}{batch_id}/{shard_idx:07d}-{first:07d}-{uuid.uuid4().hex}.jsonl"
+
+
+def chunk_result_key(batch_id: str, idx: int) -> str:
+    return f"{SEGMENTS}{batch_id}/chunk-{idx:07d}-{uuid.uuid4().hex}.jsonl"
+
+
+def chunk_lines_key(batch_id: str) -> str:
+    """Written before the chunk's index is known (that comes with its commit)."""
+    return f"{SEGMENTS}{batch_id}/chunk-next-{uuid.uuid4().hex}.lines"
 
 
 def batch_of_segment(key: str) -> str:

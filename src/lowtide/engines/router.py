@@ -48,6 +48,13 @@ class Router:
                 return candidate
         return None
 
+    def route_named(self, name: str) -> ModelRoute | None:
+        """The route configured under exactly this name (a pattern's name included)."""
+        route = self._exact.get(name)
+        if route is not None:
+            return route
+        return next((r for r in self._patterns if r.name == name), None)
+
     def config_problems(self) -> dict[str, str]:
         """Routes that cannot work as configured, by name: said at start and on /healthz."""
         problems = {}

@@ -25,8 +25,11 @@ class FinishedLine:
     sync_cost: float = 0.0
 
 
-def answered(result: ResultLine, usage: Usage, route: ModelRoute, model: str) -> FinishedLine:
-    """A line the engine answered, priced at its route's prices."""
+def answered(
+    result: ResultLine, usage: Usage, route: ModelRoute, model: str, *, provider_batch: bool
+) -> FinishedLine:
+    """A line the engine answered, priced at its route's prices: the batch price, or the full
+    price for a synchronous call on a route whose lines normally go as provider batches."""
     sync = route.sync_price(usage.input_tokens, usage.cached_tokens, usage.output_tokens)
     return FinishedLine(
         result,
@@ -34,7 +37,7 @@ def answered(result: ResultLine, usage: Usage, route: ModelRoute, model: str) ->
         model,
         answered=True,
         priced=route.priced,
-        cost=sync * route.batch_price_factor,
+        cost=sync * route.price_factor(provider_batch=provider_batch),
         sync_cost=sync,
     )
 

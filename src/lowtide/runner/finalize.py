@@ -19,12 +19,13 @@ from lowtide.ids import new_file_id, request_line_id
 from lowtide.runner import segment_lines
 from lowtide.runner.results import CANCELLED_MESSAGE, EXPIRED_MESSAGE, error_line
 from lowtide.runner.validation import iter_request_lines
+from lowtide.store.chunks import chunks_of
 from lowtide.store.database import Database
 from lowtide.store.files import blob_key_of
 from lowtide.store.leases import BatchTask
 from lowtide.store.rows import BatchRow, FileRow, ShardRow
 from lowtide.store.segments import batch_counts, publish_batch, segments_of, shards_of
-from lowtide.vocabulary import BatchStatus, FilePurpose, StopReason
+from lowtide.vocabulary import BatchStatus, FilePurpose, ShardStatus, StopReason
 
 _FLUSH_BYTES = 1 << 20
 DEFAULT_OUTPUT_TTL = 30 * 86400
@@ -76,8 +77,16 @@ async def finalize_batch(db: Database, blobs: BlobStore, task: BatchTask) -> boo
                     )
                 for result in results:
                     await (out if result.ok else err).add(result.line)
-            if shard.committed < shard.request_count:
+            if shard.status != ShardStatus.UPSTREAM and shard.committed < shard.request_count:
                 await _unfinished_lines(blobs, input_key, batch, shard, err)
+        # Lines that went to a provider: each chunk committed a result for every line it did
+        # not hand on to a later chunk.
+        for chunk in await chunks_of(db, batch.id):
+            if chunk.result_key is None:
+                continue
+            segment_keys.append(chunk.result_key)
+            async for result in segment_lines.stream(blobs.iter_chunks(chunk.result_key)):
+                await (out if result.ok else err).add(result.line)
         for f in outputs:
             await f.flush()
             if f.lines:

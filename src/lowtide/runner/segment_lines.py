@@ -6,7 +6,7 @@ files) and by partial results (while the batch runs); both read it through `deco
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 
 _OK = b"o"
@@ -27,3 +27,16 @@ def decode(data: bytes) -> Iterator[ResultLine]:
     for raw in data.split(b"\n"):
         if raw:
             yield ResultLine(raw[:1] == _OK, raw[1:])
+
+
+async def stream(pieces: AsyncIterator[bytes]) -> AsyncIterator[ResultLine]:
+    """`decode` over a blob read piece by piece: a chunk's results may be hundreds of MB."""
+    buffer = b""
+    async for piece in pieces:
+        buffer += piece
+        *complete, buffer = buffer.split(b"\n")
+        for raw in complete:
+            if raw:
+                yield ResultLine(raw[:1] == _OK, raw[1:])
+    if buffer:
+        yield ResultLine(buffer[:1] == _OK, buffer[1:])

@@ -11,75 +11,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from lowtide import metrics
-from lowtide.admission.controller import Permit, RouteController
-from lowtide.admission.estimate import estimate_tokens
-from lowtide.blobs import BlobStore
 from lowtide.blobs.keys import segment_key
-from lowtide.config import ModelRoute, WorkerConfig
-from lowtide.engines.base import Engine, EngineResponse, TransientEngineError
-from lowtide.engines.router import Router
 from lowtide.ids import request_line_id
 from lowtide.runner import segment_lines
-from lowtide.runner.accounting import FinishedLine, answered, tally, unanswered
-from lowtide.runner.budgets import DailySpend
-from lowtide.runner.results import error_line, response_line, usage_of
-from lowtide.runner.retry import backoff_seconds, is_retryable_status, route_refusal
+from lowtide.runner.accounting import FinishedLine, tally
+from lowtide.runner.context import RunnerContext
+from lowtide.runner.sending import LineSender
 from lowtide.runner.validation import iter_request_lines
-from lowtide.store.batches import set_paused_reason
-from lowtide.store.database import Database
 from lowtide.store.files import blob_key_of
 from lowtide.store.leases import LeaseState, ShardClaim, release_shard, renew_shard_lease
 from lowtide.store.segments import Segment, commit_segment
-from lowtide.store.usage import UsageDelta
-from lowtide.vocabulary import PRIORITIES
 
 log = logging.getLogger("lowtide.shard")
-
-
-@dataclass
-class RunnerContext:
-    """What every shard run shares within one worker process."""
-
-    db: Database
-    blobs: BlobStore
-    router: Router
-    config: WorkerConfig
-    spend: DailySpend | None = None  # the projects' daily budgets
-    controllers: dict[str, RouteController] = field(default_factory=dict)
-    # Why a batch's lines are waiting, as last written to its row by this process.
-    paused: dict[str, str | None] = field(default_factory=dict)
-
-    def admission(self, route: ModelRoute) -> RouteController:
-        controller = self.controllers.get(route.name)
-        if controller is None:
-            controller = RouteController(route, probe_seconds=self.config.route_probe_seconds)
-            self.controllers[route.name] = controller
-        return controller
-
-    def count_usage(self, project: str, usage: list[UsageDelta]) -> None:
-        """Prometheus counters of committed tokens and cost, per route and project."""
-        for delta in usage:
-            route = self.router.route_for(delta.model)
-            name = route.name if route is not None else delta.model
-            metrics.tokens_committed.labels(name, project, "input").inc(delta.input_tokens)
-            metrics.tokens_committed.labels(name, project, "output").inc(delta.output_tokens)
-            metrics.cost_committed.labels(name, project).inc(delta.cost)
-
-    async def note_paused(self, batch_id: str, reason: str | None) -> None:
-        """Show on the batch why its lines wait (or that they run again); written on change."""
-        if self.paused.get(batch_id) == reason:
-            return
-        if reason is None:
-            del self.paused[batch_id]
-        else:
-            self.paused[batch_id] = reason
-        await set_paused_reason(self.db, batch_id, reason)
 
 
 class ShardRun:
@@ -92,7 +39,7 @@ class ShardRun:
         self._ready = claim.committed  # end of the contiguous finished prefix
         self._committed = claim.committed
         self._tasks: set[asyncio.Task[None]] = set()
-        self._queued: set[asyncio.Task[Any]] = set()  # line tasks waiting for a permit
+        self._sender = LineSender(ctx, claim, self)
         self._commit_lock = asyncio.Lock()
         self._commit_wanted = asyncio.Event()
         self._closing = False
@@ -148,15 +95,6 @@ class ShardRun:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def _weight(self) -> float:
-        """This batch's share: its priority, boosted when its window is about to close."""
-        claim = self.claim
-        weight = PRIORITIES.get(claim.priority, 1.0)
-        window = claim.expires_at - claim.created_at
-        if window > 0 and claim.expires_at - time.time() < 0.25 * window:
-            weight *= 8  # the last quarter of the completion window: go first
-        return weight
-
     def _window_size(self, first: dict[str, Any] | None) -> int:
         route = self.ctx.router.route_for(str((first or {}).get("body", {}).get("model", "")))
         return min(1024, 2 * route.max_concurrency) if route else 64
@@ -167,7 +105,7 @@ class ShardRun:
         if not self.stopping:
             while self._tasks and not self.stopping and not self.lost:
                 await asyncio.wait(set(self._tasks), timeout=0.5)
-        for task in list(self._queued):
+        for task in list(self._sender.queued):
             task.cancel()  # lines still waiting for a permit never start
         if self._tasks and not self.lost:
             await asyncio.wait(set(self._tasks), timeout=self.ctx.config.cancel_grace_seconds)
@@ -216,132 +154,8 @@ class ShardRun:
             self._commit_wanted.set()
 
     async def _execute(self, index: int, raw: bytes) -> FinishedLine | None:
-        claim = self.claim
-        line_id = request_line_id(claim.batch_id, claim.first_request + index)
-        request = orjson.loads(raw)
-        custom_id = request["custom_id"]
-        body = request["body"]
-        route = self.ctx.router.route_for(str(body.get("model")))
-        if route is None:
-            message = (
-                f"The provided model '{body.get('model')}' is not served by this Lowtide server."
-            )
-            return unanswered(error_line(line_id, custom_id, "model_not_found", message))
-        try:
-            engine = self.ctx.router.engine_for(route)
-        except Exception as exc:  # a misconfigured route fails its lines, never the shard
-            message = f"The engine for '{route.name}' could not be created: {exc}"
-            return unanswered(error_line(line_id, custom_id, "engine_error", message))
-        controller = self.ctx.admission(route)
-        response, failure = await self._attempts(route, engine, controller, body, custom_id)
-        if self.lost:
-            return None
-        if response is None:
-            if failure is None or self.stopping:
-                return None  # never sent, or left for finalize to report as cancelled/expired
-            return unanswered(error_line(line_id, custom_id, failure.code, failure.message))
-        if self.stopping and is_retryable_status(response.status_code):
-            return None
-        result = response_line(line_id, custom_id, response)
-        return answered(result, usage_of(response.body), route, str(body.get("model")))
-
-    async def _attempts(
-        self,
-        route: ModelRoute,
-        engine: Engine,
-        controller: RouteController,
-        body: dict[str, Any],
-        custom_id: str,
-    ) -> tuple[EngineResponse | None, TransientEngineError | None]:
-        """Send the line until it gets a final answer, its retries run out, or the shard stops.
-
-        A refusal of the route itself (401, 403, 404) uses no retry: the line waits with every
-        other line of the route until a probe finds the route working again.
-        """
-        claim, cfg = self.claim, self.ctx.config
-        cost = estimate_tokens(claim.endpoint, body)
-        response: EngineResponse | None = None
-        failure: TransientEngineError | None = None
-        attempt = 0
-        while True:
-            permit = await self._permit(controller, cost)
-            if permit is None:
-                return None, None  # stopped while waiting: this line never starts
-            try:
-                response, failure = await engine.execute(claim.endpoint, body), None
-            except TransientEngineError as exc:
-                response, failure = None, exc
-            except asyncio.CancelledError:
-                controller.release(permit, status=0)
-                raise
-            except Exception as exc:  # an engine bug must fail the line, not the shard
-                controller.release(permit, status=0)
-                log.exception("engine %s failed on %s", route.name, custom_id)
-                message = f"The engine failed: {exc.__class__.__name__}: {exc}"
-                return None, TransientEngineError("engine_error", message)
-            self._account(controller, permit, response, failure)
-            if response is not None:
-                refusal = route_refusal(route.name, response.status_code, response.body)
-                if refusal is not None:
-                    controller.block(refusal)
-                    await self.ctx.note_paused(claim.batch_id, refusal)
-                    continue
-                controller.route_ok()
-                await self.ctx.note_paused(claim.batch_id, None)
-            if response is not None and not is_retryable_status(response.status_code):
-                return response, None
-            if attempt == route.max_retries or self.stopping or self.lost:
-                return response, failure
-            controller.retried()
-            retry_after = response.retry_after if response is not None else None
-            await asyncio.sleep(
-                backoff_seconds(attempt, cfg.retry_base_seconds, cfg.retry_max_seconds, retry_after)
-            )
-            attempt += 1
-
-    async def _permit(self, controller: RouteController, cost: int) -> Permit | None:
-        """Wait for admission; None if the shard stopped meanwhile (then the line never starts:
-        after a cancel only requests already sent may finish)."""
-        if self.ctx.spend is not None:
-            while reason := await self.ctx.spend.over_budget(self.claim.project):
-                await self.ctx.note_paused(self.claim.batch_id, reason)
-                if self.stopping or self.lost:
-                    return None
-                await asyncio.sleep(1.0)
-        if self.stopping or self.lost:
-            return None
-        task = asyncio.current_task()
-        assert task is not None
-        self._queued.add(task)
-        try:
-            permit = await controller.acquire(self.claim.batch_id, self._weight(), cost)
-        finally:
-            self._queued.discard(task)
-        if self.stopping or self.lost:
-            controller.release(permit, status=0)
-            return None
-        return permit
-
-    @staticmethod
-    def _account(
-        controller: RouteController,
-        permit: Permit,
-        response: EngineResponse | None,
-        failure: TransientEngineError | None,
-    ) -> None:
-        if response is None:
-            controller.release(permit, status=None)
-            controller.count(failure.code if failure else "error")
-            return
-        usage = usage_of(response.body)
-        controller.release(
-            permit,
-            status=response.status_code,
-            used_tokens=usage.input_tokens + usage.output_tokens,
-            retry_after=response.retry_after,
-            headers=response.headers,
-        )
-        controller.count(str(response.status_code))
+        line_id = request_line_id(self.claim.batch_id, self.claim.first_request + index)
+        return await self._sender.run_line(line_id, raw)
 
     # -- commits -------------------------------------------------------------------------
     async def _committer(self) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from lowtide.admission.estimate import estimate_prompt_tokens
-from lowtide.config import BatchLimits
+from lowtide.config import BatchLimits, ModelRoute
 from lowtide.runner.duplicates import DuplicateFinder
 from lowtide.vocabulary import ENDPOINTS, UTF8_BOM
 
@@ -38,6 +38,8 @@ class ValidationResult:
     # Input tokens of the valid lines, about (~4 characters a token), by model: what the
     # budgets weigh before the batch may start.
     input_tokens: dict[str, int] = field(default_factory=dict)
+    # Provider batches to send, cut to the provider's limits: {idx, route, line_count, bytes}.
+    chunks: list[dict[str, Any]] = field(default_factory=list)
 
 
 class FileValidator:
@@ -47,8 +49,14 @@ class FileValidator:
         endpoints_of: Callable[[str], tuple[str, ...] | None],
         limits: BatchLimits,
         served_models: list[str] | None = None,
+        upstream_of: Callable[[str], ModelRoute | None] | None = None,
     ) -> None:
         self.endpoint = endpoint
+        # The route of a model whose lines go out as provider batches (None: they run here).
+        # Their lines get shards of their own, and shards are cut at provider-batch limits.
+        self._upstream_of = upstream_of or (lambda model: None)
+        self._chunks: list[dict[str, Any]] = []
+        self._open_chunk: dict[str, dict[str, Any]] = {}  # route name -> chunk being filled
         self._served = ", ".join(f"'{m}'" for m in served_models or [])
         self._endpoints_of = endpoints_of  # what a model's route serves; None: no route
         self._endpoints_cache: dict[str, tuple[str, ...] | None] = {}
@@ -120,6 +128,7 @@ class FileValidator:
             models=list(self.models),
             possible_duplicates=duplicates,
             input_tokens=self.input_tokens,
+            chunks=self._chunks,
         )
 
     def close(self) -> None:
@@ -136,7 +145,7 @@ class FileValidator:
         if not raw.strip():
             self._extend_shard(start, end, request=False)
             return
-        self._check(raw, self._line_no)
+        model = self._check(raw, self._line_no)
         self.total += 1
         if self.total == self._limits.max_lines + 1:
             self._error(
@@ -145,9 +154,33 @@ class FileValidator:
                 None,
                 f"The input file has more than {self._limits.max_lines:,} requests, the limit per batch.",
             )
-        self._extend_shard(start, end, request=True)
+        route = self._upstream_of(model) if model is not None else None
+        chunk = self._chunk_for(route, model or "", len(raw) + 1) if route is not None else None
+        if self._shard is not None and self._shard.get("chunk") != chunk:
+            self._close_shard()  # a shard's lines all run here, or all go in one chunk
+        self._extend_shard(start, end, request=True, chunk=chunk)
 
-    def _extend_shard(self, start: int, end: int, *, request: bool) -> None:
+    def _chunk_for(self, route: ModelRoute, model: str, size: int) -> int:
+        """The provider batch this line goes in: the route's open one while it has room."""
+        if route.upstream_model:
+            size += max(0, len(route.upstream_model) - len(model))  # the name is swapped
+        chunk = self._open_chunk.get(route.name)
+        if chunk is not None and (
+            chunk["line_count"] + 1 > route.upstream_batch_max_lines
+            or chunk["bytes"] + size > route.upstream_batch_max_bytes
+        ):
+            chunk = None
+        if chunk is None:
+            chunk = {"idx": len(self._chunks), "route": route.name, "line_count": 0, "bytes": 0}
+            self._chunks.append(chunk)
+            self._open_chunk[route.name] = chunk
+        chunk["line_count"] += 1
+        chunk["bytes"] += size
+        return int(chunk["idx"])
+
+    def _extend_shard(
+        self, start: int, end: int, *, request: bool, chunk: int | None = None
+    ) -> None:
         shard = self._shard
         if shard is None:
             if not request:
@@ -160,6 +193,8 @@ class FileValidator:
                 "byte_start": start,
                 "byte_end": end,
             }
+            if chunk is not None:
+                shard["chunk"] = chunk
         shard["byte_end"] = end
         if request:
             shard["request_count"] += 1
@@ -179,7 +214,8 @@ class FileValidator:
         if len(self.errors) < self._limits.max_errors_reported:
             self.errors.append({"code": code, "line": line, "param": param, "message": message})
 
-    def _check(self, raw: bytes, line: int) -> None:
+    def _check(self, raw: bytes, line: int) -> str | None:
+        """Record what is wrong with the line, if anything; the model of a valid line."""
         try:
             obj = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -275,6 +311,7 @@ class FileValidator:
         if len(self.input_tokens) < 10_000 or model in self.input_tokens:
             tokens = estimate_prompt_tokens(self.endpoint, body)
             self.input_tokens[model] = self.input_tokens.get(model, 0) + tokens
+        return model
 
     def _route_endpoints(self, model: str) -> tuple[str, ...] | None:
         if model in self._endpoints_cache:

@@ -13,20 +13,22 @@ import time
 from collections.abc import Callable
 
 from lowtide.blobs import BlobStore
-from lowtide.config import Config
+from lowtide.config import Config, ModelRoute
 from lowtide.engines.router import Router
 from lowtide.ids import new_worker_id
 from lowtide.runner import budgets, sweeper
+from lowtide.runner.context import RunnerContext
 from lowtide.runner.finalize import finalize_batch
-from lowtide.runner.shard_runner import RunnerContext, ShardRun
+from lowtide.runner.shard_runner import ShardRun
+from lowtide.runner.upstream import ChunkRunner
 from lowtide.runner.validation import FileValidator, confirm_duplicates
 from lowtide.store import leases
 from lowtide.store.batches import finish_validation, stopped_among
 from lowtide.store.database import Database
 from lowtide.store.files import get_file_any_state
 from lowtide.store.leases import BatchTask, ShardClaim, TaskKind
-from lowtide.store.rows import ShardRow
-from lowtide.vocabulary import FilePurpose
+from lowtide.store.rows import ChunkRow, ShardRow
+from lowtide.vocabulary import ChunkMode, ChunkStatus, FilePurpose, ShardStatus
 
 log = logging.getLogger("lowtide.worker")
 
@@ -43,6 +45,7 @@ class Worker:
         self.ctx = RunnerContext(
             db, blobs, router, config.worker, spend=budgets.DailySpend(db, config)
         )
+        self.chunks = ChunkRunner(self.ctx, self.id)
         self._wake = asyncio.Event()
         self._stopping = False
         self._shards: dict[asyncio.Task[None], ShardRun] = {}
@@ -65,6 +68,7 @@ class Worker:
         for run in self._shards.values():
             if run.claim.batch_id == batch_id:
                 run.stopping = True
+        self.chunks.stop_batch(batch_id)
         self._wake.set()
 
     async def run(self) -> None:
@@ -87,12 +91,14 @@ class Worker:
         for run in self._shards.values():
             run.stopping = True
         pending = set(self._shards) | self._batch_tasks
+        chunks = asyncio.create_task(self.chunks.stop(timeout))
         if pending:
             _, still = await asyncio.wait(pending, timeout=timeout)
             for task in still:
                 task.cancel()
             if still:
                 await asyncio.wait(still)
+        await chunks
 
     async def _tick(self) -> None:
         now = time.time()
@@ -116,6 +122,7 @@ class Worker:
             # the regular slots; then the regular slots are filled.
             await self._claim_shards(cfg.max_batches_in_flight, idle_batches_only=True)
             await self._claim_shards(cfg.max_active_shards, idle_batches_only=False)
+            await self.chunks.tick(time.time())
         if now - self._last_route_log >= 30:
             self._last_route_log = now
             self._log_routes()
@@ -245,6 +252,7 @@ class Worker:
             self._endpoints_of,
             limits,
             self.router.served_models(),
+            upstream_of=self._upstream_of,
         )
         try:
             async for chunk in self.blobs.iter_chunks(source.blob_key):
@@ -264,13 +272,31 @@ class Worker:
             )
         errors.sort(key=lambda e: (e["line"] is not None, e["line"] or 0))
         errors = errors[: limits.max_errors_reported]
-        shard_rows = [ShardRow(batch_id=batch.id, **s) for s in result.shards]
+        shard_rows = [
+            ShardRow(
+                batch_id=batch.id,
+                status=ShardStatus.PENDING if s.get("chunk") is None else ShardStatus.UPSTREAM,
+                **s,
+            )
+            for s in result.shards
+        ]
+        chunk_rows = [
+            ChunkRow(
+                batch_id=batch.id,
+                mode=ChunkMode.BATCH,
+                status=ChunkStatus.PENDING,
+                created_at=_now(),
+                **c,
+            )
+            for c in result.chunks
+        ]
         started = await finish_validation(
             self.db,
             batch.id,
             task.epoch,
             _now(),
             shard_rows=shard_rows,
+            chunk_rows=chunk_rows if not errors else None,
             total=result.total,
             model=",".join(result.models[:5]) or None,
             errors=errors or None,
@@ -284,6 +310,10 @@ class Worker:
                 len(shard_rows),
                 len(errors),
             )
+
+    def _upstream_of(self, model: str) -> ModelRoute | None:
+        route = self.router.route_for(model)
+        return route if route is not None and route.upstream_batch else None
 
     def _endpoints_of(self, model: str) -> tuple[str, ...] | None:
         route = self.router.route_for(model)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -16,14 +16,16 @@ from lowtide.runner.validation import first_request_url
 from lowtide.service import results
 from lowtide.service.deps import UseCases, expires_after_seconds
 from lowtide.store import batches as batch_store
+from lowtide.store.chunks import chunks_of_batches
 from lowtide.store.files import get_file
-from lowtide.store.rows import BatchRow, Counts
+from lowtide.store.rows import BatchRow, ChunkRow, Counts
 from lowtide.vocabulary import (
     DEFAULT_PRIORITY,
     ENDPOINTS,
     PRIORITIES,
     TERMINAL,
     BatchStatus,
+    ChunkStatus,
 )
 
 
@@ -34,6 +36,15 @@ class BatchView:
     row: BatchRow
     counts: Counts
     currency: str = "USD"
+    chunks: list[ChunkRow] = field(default_factory=list)  # its provider batches, if any
+
+    @property
+    def lines_with_provider(self) -> int:
+        return sum(c.line_count for c in self.chunks if c.status == ChunkStatus.SUBMITTED)
+
+    @property
+    def lines_to_submit(self) -> int:
+        return sum(c.line_count for c in self.chunks if c.status == ChunkStatus.PENDING)
 
     @property
     def lines_per_second(self) -> float | None:
@@ -168,11 +179,13 @@ class BatchService(UseCases):
     async def _views(self, rows: list[BatchRow]) -> list[BatchView]:
         running = [r.id for r in rows if r.status not in TERMINAL]
         live = await batch_store.live_counts(self._db, running)
+        chunks = await chunks_of_batches(self._db, [r.id for r in rows])
         return [
             BatchView(
                 r,
                 Counts.of(r) if r.status in TERMINAL else live.get(r.id, Counts()),
                 self._currency,
+                chunks.get(r.id, []),
             )
             for r in rows
         ]

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from lowtide.blobs import BlobStore
 from lowtide.errors import ApiError
 from lowtide.runner import segment_lines
+from lowtide.store.chunks import chunks_of
 from lowtide.store.database import Database
 from lowtide.store.files import get_file
 from lowtide.store.rows import BatchRow, FileRow
@@ -64,3 +65,12 @@ async def committed(
             out = [r.line for r in segment_lines.decode(data) if (output if r.ok else errors)]
             if out:
                 yield b"\n".join(out) + b"\n"
+    for chunk in await chunks_of(db, batch_id):  # lines back from a provider's Batch API
+        if chunk.result_key is None:
+            continue
+        try:
+            async for r in segment_lines.stream(blobs.iter_chunks(chunk.result_key)):
+                if output if r.ok else errors:
+                    yield r.line + b"\n"
+        except FileNotFoundError:
+            return

@@ -10,8 +10,8 @@ from sqlalchemy.exc import IntegrityError
 
 from lowtide.store.database import Database, storable
 from lowtide.store.pages import page
-from lowtide.store.rows import BatchRow, Counts, ShardRow
-from lowtide.store.schema import batches, shard_count_sums, shards
+from lowtide.store.rows import BatchRow, ChunkRow, Counts, ShardRow
+from lowtide.store.schema import batches, count_sums, shards, upstream_chunks
 from lowtide.vocabulary import STOPPABLE, UNFINISHED, BatchStatus, StopReason
 
 
@@ -62,18 +62,24 @@ async def list_batches(
 
 
 async def live_counts(db: Database, batch_ids: list[str]) -> dict[str, Counts]:
-    """Counts and usage committed so far, summed over each running batch's shards."""
+    """Counts and usage committed so far, summed over each running batch's shards and chunks."""
     if not batch_ids:
         return {}
+    counts: dict[str, Counts] = {}
     async with db.read() as conn:
-        rows = (
-            await conn.execute(
-                select(shards.c.batch_id, *shard_count_sums())
-                .where(shards.c.batch_id.in_(batch_ids))
-                .group_by(shards.c.batch_id)
-            )
-        ).all()
-    return {r.batch_id: Counts.of(r) for r in rows}
+        for table in (shards, upstream_chunks):
+            rows = (
+                await conn.execute(
+                    select(table.c.batch_id, *count_sums(table))
+                    .where(table.c.batch_id.in_(batch_ids))
+                    .group_by(table.c.batch_id)
+                )
+            ).all()
+            for r in rows:
+                counts[r.batch_id] = (
+                    counts[r.batch_id] + Counts.of(r) if r.batch_id in counts else Counts.of(r)
+                )
+    return counts
 
 
 async def request_cancel(db: Database, project: str, batch_id: str, now: int) -> BatchRow | None:
@@ -121,6 +127,7 @@ async def finish_validation(
     now: int,
     *,
     shard_rows: list[ShardRow],
+    chunk_rows: list[ChunkRow] | None = None,
     total: int,
     model: str | None,
     errors: list[dict[str, Any]] | None,
@@ -155,6 +162,8 @@ async def finish_validation(
         for start in range(0, len(shard_rows), 500):
             chunk = shard_rows[start : start + 500]
             await conn.execute(insert(shards), [s.values() for s in chunk])
+        if chunk_rows:
+            await conn.execute(insert(upstream_chunks), [c.values() for c in chunk_rows])
     return True
 
 

@@ -17,8 +17,15 @@ from sqlalchemy import and_, case, exists, func, or_, select, tuple_, update
 
 from lowtide.store.database import Database
 from lowtide.store.rows import BatchRow
-from lowtide.store.schema import batches, shards
-from lowtide.vocabulary import STOPPABLE, BatchStatus, ShardStatus, StopReason
+from lowtide.store.schema import batches, shards, upstream_chunks
+from lowtide.vocabulary import (
+    SHARD_UNFINISHED,
+    STOPPABLE,
+    BatchStatus,
+    ChunkStatus,
+    ShardStatus,
+    StopReason,
+)
 
 
 class TaskKind(StrEnum):
@@ -71,6 +78,20 @@ def _free(table, now: float):  # type: ignore[no-untyped-def]
     return or_(table.c.lease_expires_at.is_(None), table.c.lease_expires_at < now)
 
 
+def _unfinished_work():  # type: ignore[no-untyped-def]
+    """The batch still has lines to run: a shard here, or a chunk with a provider."""
+    return or_(
+        exists().where(shards.c.batch_id == batches.c.id, shards.c.status.in_(SHARD_UNFINISHED)),
+        _unfinished_chunk(),
+    )
+
+
+def _unfinished_chunk():  # type: ignore[no-untyped-def]
+    return exists().where(
+        upstream_chunks.c.batch_id == batches.c.id, upstream_chunks.c.status != ChunkStatus.DONE
+    )
+
+
 def _live_shard(now: float):  # type: ignore[no-untyped-def]
     return exists().where(
         shards.c.batch_id == batches.c.id,
@@ -81,9 +102,7 @@ def _live_shard(now: float):  # type: ignore[no-untyped-def]
 
 async def mark_expired(db: Database, now: float) -> list[str]:
     """Flag batches whose completion window has closed; their shards stop and finalize runs."""
-    every_shard_done = ~exists().where(
-        shards.c.batch_id == batches.c.id, shards.c.status != ShardStatus.DONE
-    )
+    every_shard_done = ~_unfinished_work()
     due = and_(
         batches.c.status.in_(STOPPABLE),
         batches.c.stop_reason.is_(None),
@@ -104,9 +123,7 @@ async def mark_expired(db: Database, now: float) -> list[str]:
 
 async def claim_batch_task(db: Database, worker: str, now: float, lease: float) -> BatchTask | None:
     """Claim one batch that needs validating or finalizing."""
-    unfinished_shard = exists().where(
-        shards.c.batch_id == batches.c.id, shards.c.status != ShardStatus.DONE
-    )
+    unfinished_shard = _unfinished_work()
     stopped = batches.c.stop_reason.is_not(None)
     validate = and_(batches.c.status == BatchStatus.VALIDATING, ~stopped)
     finalize = or_(
@@ -115,6 +132,7 @@ async def claim_batch_task(db: Database, worker: str, now: float, lease: float) 
             batches.c.status.in_((BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING)),
             stopped,
             ~_live_shard(now),
+            ~_unfinished_chunk(),  # its chunks cancel their provider batches first
         ),
         and_(batches.c.status == BatchStatus.IN_PROGRESS, ~stopped, ~unfinished_shard),
         batches.c.status == BatchStatus.FINALIZING,

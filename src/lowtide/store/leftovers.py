@@ -5,12 +5,13 @@ from __future__ import annotations
 from sqlalchemy import select
 
 from lowtide.store.database import Database
-from lowtide.store.schema import batches, segments
+from lowtide.store.schema import batches, segments, upstream_chunks
 from lowtide.vocabulary import TERMINAL
 
 
 async def live_segment_keys(db: Database, batch_id: str, keys: list[str]) -> set[str]:
-    """Which of `keys` a committed segment of this batch names, while the batch is unfinished.
+    """Which of `keys` a committed segment or chunk of this batch names, while the batch is
+    unfinished.
 
     Nothing reads the others: segments of a finished batch were merged into its files, and a
     blob no segment row names was never committed.
@@ -26,4 +27,11 @@ async def live_segment_keys(db: Database, batch_id: str, keys: list[str]) -> set
                 segments.c.batch_id == batch_id, segments.c.blob_key.in_(keys)
             )
         )
-        return {r.blob_key for r in rows}
+        live = {r.blob_key for r in rows}
+        chunks = upstream_chunks.c
+        for column in (chunks.result_key, chunks.source_key):
+            rows = await conn.execute(
+                select(column).where(chunks.batch_id == batch_id, column.in_(keys))
+            )
+            live |= {r[0] for r in rows}
+        return live

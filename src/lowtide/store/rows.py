@@ -7,7 +7,14 @@ from typing import Any, Self
 
 from sqlalchemy.engine import Row
 
-from lowtide.vocabulary import DEFAULT_PRIORITY, BatchStatus, ShardStatus, StopReason
+from lowtide.vocabulary import (
+    DEFAULT_PRIORITY,
+    BatchStatus,
+    ChunkMode,
+    ChunkStatus,
+    ShardStatus,
+    StopReason,
+)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -35,6 +42,11 @@ class Counts(Usage):
     # Lines whose results were lost to an early stop (lease lost, shutdown) and ran again: paid
     # twice upstream, not in the files.
     rerun_lines: int = 0
+
+    def __add__(self, other: Counts) -> Counts:
+        return Counts(
+            **{name: getattr(self, name) + getattr(other, name) for name in COUNT_COLUMNS}
+        )
 
     @classmethod
     def of(cls, source: Any) -> Counts:
@@ -138,6 +150,44 @@ class ShardRow(Counts, _Record):
     lease_expires_at: float | None = None
     lease_epoch: int = 0
     committed: int = 0  # requests [0, committed) have results in committed segments
+    chunk: int | None = None  # the upstream chunk that owns its lines (status 'upstream')
+
+
+@dataclass(slots=True, kw_only=True)
+class ChunkRow(Counts, _Record):
+    """Lines of one batch and one route, sent as one provider batch (see schema.upstream_chunks)."""
+
+    batch_id: str
+    idx: int
+    route: str
+    mode: ChunkMode
+    status: ChunkStatus
+    line_count: int
+    bytes: int
+    created_at: int
+    generation: int = 0
+    source_key: str | None = None
+    provider_file_id: str | None = None
+    provider_batch_id: str | None = None
+    provider_status: str | None = None
+    create_sent_at: float | None = None
+    cancel_sent_at: float | None = None
+    fallback: int = 0
+    attempts: int = 0
+    next_at: float | None = None
+    result_key: str | None = None
+    lease_owner: str | None = None
+    lease_expires_at: float | None = None
+    lease_epoch: int = 0
+
+    def __post_init__(self) -> None:
+        self.mode = ChunkMode(self.mode)
+        self.status = ChunkStatus(self.status)
+
+    @property
+    def key(self) -> str:
+        """What Lowtide puts in the provider batch's metadata to find it again after a crash."""
+        return f"{self.batch_id}/{self.idx}"
 
 
 @dataclass(slots=True, kw_only=True)

@@ -119,8 +119,43 @@ shards = Table(
     Column("lease_epoch", BigInteger, nullable=False, default=0),
     # Requests [0, committed) of this shard have results in committed segments.
     Column("committed", Integer, nullable=False, default=0),
+    # The upstream chunk its lines go out in (status 'upstream'); null for lines run here.
+    Column("chunk", Integer),
     *_count_columns(Integer),
     Index("ix_shards_status", "status", "batch_id"),
+)
+
+# Lines of a batch sent together as one provider batch (a route with upstream_batch = true).
+# A first-generation chunk's lines are those of the shards that name it; a retry chunk's lines
+# are in its own blob. Results are committed once, with the chunk's move to 'done'.
+upstream_chunks = Table(
+    "upstream_chunks",
+    metadata,
+    Column("batch_id", String(64), primary_key=True),
+    Column("idx", Integer, primary_key=True, autoincrement=False),
+    Column("route", String(255), nullable=False),
+    Column("generation", Integer, nullable=False, default=0),  # retries so far
+    Column("mode", String(8), nullable=False),  # a ChunkMode
+    Column("status", String(16), nullable=False),  # a ChunkStatus
+    Column("line_count", Integer, nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("source_key", Text),  # retry chunks: "<index>\t<request line>" per line
+    Column("created_at", BigInteger, nullable=False),
+    # The provider's side, recorded as soon as known so a restart never submits twice.
+    Column("provider_file_id", String(255)),
+    Column("provider_batch_id", String(255)),
+    Column("provider_status", String(32)),
+    Column("create_sent_at", Float),  # a create may have reached the provider: look it up first
+    Column("cancel_sent_at", Float),
+    Column("fallback", Integer, nullable=False, default=0),  # unfinished lines go synchronous
+    Column("attempts", Integer, nullable=False, default=0),  # creates refused, polls unchanged
+    Column("next_at", Float),  # act again no earlier than this
+    Column("result_key", Text),  # committed results, in the segment format
+    Column("lease_owner", String(64)),
+    Column("lease_expires_at", Float),
+    Column("lease_epoch", BigInteger, nullable=False, default=0),
+    *_count_columns(Integer),
+    Index("ix_upstream_chunks_status", "status", "next_at"),
 )
 
 segments = Table(
@@ -134,9 +169,10 @@ segments = Table(
 )
 
 
-def shard_count_sums() -> list[Any]:
-    """SUM of each count column over shards (0 where none): a batch's counts while it runs."""
-    return [func.coalesce(func.sum(shards.c[name]), 0).label(name) for name in COUNT_COLUMNS]
+def count_sums(table: Table) -> list[Any]:
+    """SUM of each count column over shards or chunks (0 where none): with the other, a batch's
+    counts while it runs."""
+    return [func.coalesce(func.sum(table.c[name]), 0).label(name) for name in COUNT_COLUMNS]
 
 
 # What each project used and spent, a row per UTC day, model and endpoint: written with each

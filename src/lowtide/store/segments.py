@@ -13,7 +13,7 @@ from lowtide.store.database import Database
 from lowtide.store.files import insert_file
 from lowtide.store.leases import ShardClaim, held
 from lowtide.store.rows import COUNT_COLUMNS, Counts, FileRow, SegmentRow, ShardRow
-from lowtide.store.schema import batches, segments, shard_count_sums, shards
+from lowtide.store.schema import batches, count_sums, segments, shards, upstream_chunks
 from lowtide.store.usage import UsageDelta, add_usage, day_of
 from lowtide.vocabulary import ShardStatus
 
@@ -89,12 +89,15 @@ async def segments_of(db: Database, batch_id: str, shard_idx: int) -> list[Segme
 
 
 async def batch_counts(db: Database, batch_id: str) -> Counts:
-    """What every committed segment of the batch adds up to."""
+    """What every committed segment and chunk of the batch adds up to."""
     async with db.read() as conn:
-        row = (
-            await conn.execute(select(*shard_count_sums()).where(shards.c.batch_id == batch_id))
-        ).one()
-    return Counts.of(row)
+        total = Counts()
+        for table in (shards, upstream_chunks):
+            row = (
+                await conn.execute(select(*count_sums(table)).where(table.c.batch_id == batch_id))
+            ).one()
+            total = total + Counts.of(row)
+    return total
 
 
 async def publish_batch(

@@ -1,0 +1,190 @@
+"""Send one request line to its engine: admission, retries with backoff, route refusals.
+
+Shards run their lines through it, and so do provider-batch chunks that fall back to
+synchronous calls near their deadline; both answer to the same admission controllers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Protocol
+
+import orjson
+
+from lowtide.admission.controller import Permit, RouteController
+from lowtide.admission.estimate import estimate_tokens
+from lowtide.config import ModelRoute
+from lowtide.engines.base import Engine, EngineResponse, TransientEngineError
+from lowtide.runner.accounting import FinishedLine, answered, unanswered
+from lowtide.runner.context import RunnerContext
+from lowtide.runner.results import error_line, response_line, usage_of
+from lowtide.runner.retry import backoff_seconds, is_retryable_status, route_refusal
+from lowtide.vocabulary import PRIORITIES
+
+log = logging.getLogger("lowtide.shard")
+
+
+class BatchScope(Protocol):
+    """What a line needs to know of its batch (a ShardClaim has it all)."""
+
+    batch_id: str
+    project: str
+    endpoint: str
+    priority: str
+    created_at: int
+    expires_at: int
+
+
+class Halt(Protocol):
+    """Whoever runs the line: stopping (cancel, expiry, shutdown) or lost (lease taken over)."""
+
+    stopping: bool
+    lost: bool
+
+
+class LineSender:
+    def __init__(self, ctx: RunnerContext, batch: BatchScope, halt: Halt) -> None:
+        self.ctx = ctx
+        self.batch = batch
+        self.halt = halt
+        self.queued: set[asyncio.Task[Any]] = set()  # line tasks waiting for a permit
+
+    async def run_line(self, line_id: str, raw: bytes) -> FinishedLine | None:
+        """The line's result, or None if it is left for later (never sent, halted)."""
+        request = orjson.loads(raw)
+        custom_id = request["custom_id"]
+        body = request["body"]
+        route = self.ctx.router.route_for(str(body.get("model")))
+        if route is None:
+            message = (
+                f"The provided model '{body.get('model')}' is not served by this Lowtide server."
+            )
+            return unanswered(error_line(line_id, custom_id, "model_not_found", message))
+        try:
+            engine = self.ctx.router.engine_for(route)
+        except Exception as exc:  # a misconfigured route fails its lines, never the shard
+            message = f"The engine for '{route.name}' could not be created: {exc}"
+            return unanswered(error_line(line_id, custom_id, "engine_error", message))
+        controller = self.ctx.admission(route)
+        response, failure = await self._attempts(route, engine, controller, body, custom_id)
+        if self.halt.lost:
+            return None
+        if response is None:
+            if failure is None or self.halt.stopping:
+                return None  # never sent, or left for finalize to report as cancelled/expired
+            return unanswered(error_line(line_id, custom_id, failure.code, failure.message))
+        if self.halt.stopping and is_retryable_status(response.status_code):
+            return None
+        result = response_line(line_id, custom_id, response)
+        return answered(
+            result, usage_of(response.body), route, str(body.get("model")), provider_batch=False
+        )
+
+    async def _attempts(
+        self,
+        route: ModelRoute,
+        engine: Engine,
+        controller: RouteController,
+        body: dict[str, Any],
+        custom_id: str,
+    ) -> tuple[EngineResponse | None, TransientEngineError | None]:
+        """Send the line until it gets a final answer, its retries run out, or the shard stops.
+
+        A refusal of the route itself (401, 403, 404) uses no retry: the line waits with every
+        other line of the route until a probe finds the route working again.
+        """
+        batch, cfg = self.batch, self.ctx.config
+        cost = estimate_tokens(batch.endpoint, body)
+        response: EngineResponse | None = None
+        failure: TransientEngineError | None = None
+        attempt = 0
+        while True:
+            permit = await self._permit(controller, cost)
+            if permit is None:
+                return None, None  # stopped while waiting: this line never starts
+            try:
+                response, failure = await engine.execute(batch.endpoint, body), None
+            except TransientEngineError as exc:
+                response, failure = None, exc
+            except asyncio.CancelledError:
+                controller.release(permit, status=0)
+                raise
+            except Exception as exc:  # an engine bug must fail the line, not the shard
+                controller.release(permit, status=0)
+                log.exception("engine %s failed on %s", route.name, custom_id)
+                message = f"The engine failed: {exc.__class__.__name__}: {exc}"
+                return None, TransientEngineError("engine_error", message)
+            self._account(controller, permit, response, failure)
+            if response is not None:
+                refusal = route_refusal(route.name, response.status_code, response.body)
+                if refusal is not None:
+                    controller.block(refusal)
+                    await self.ctx.note_paused(batch.batch_id, refusal)
+                    continue
+                controller.route_ok()
+                await self.ctx.note_paused(batch.batch_id, None)
+            if response is not None and not is_retryable_status(response.status_code):
+                return response, None
+            if attempt == route.max_retries or self.halt.stopping or self.halt.lost:
+                return response, failure
+            controller.retried()
+            retry_after = response.retry_after if response is not None else None
+            await asyncio.sleep(
+                backoff_seconds(attempt, cfg.retry_base_seconds, cfg.retry_max_seconds, retry_after)
+            )
+            attempt += 1
+
+    async def _permit(self, controller: RouteController, cost: int) -> Permit | None:
+        """Wait for admission; None if the shard stopped meanwhile (then the line never starts:
+        after a cancel only requests already sent may finish)."""
+        if self.ctx.spend is not None:
+            while reason := await self.ctx.spend.over_budget(self.batch.project):
+                await self.ctx.note_paused(self.batch.batch_id, reason)
+                if self.halt.stopping or self.halt.lost:
+                    return None
+                await asyncio.sleep(1.0)
+        if self.halt.stopping or self.halt.lost:
+            return None
+        task = asyncio.current_task()
+        assert task is not None
+        self.queued.add(task)
+        try:
+            permit = await controller.acquire(self.batch.batch_id, self._weight(), cost)
+        finally:
+            self.queued.discard(task)
+        if self.halt.stopping or self.halt.lost:
+            controller.release(permit, status=0)
+            return None
+        return permit
+
+    @staticmethod
+    def _account(
+        controller: RouteController,
+        permit: Permit,
+        response: EngineResponse | None,
+        failure: TransientEngineError | None,
+    ) -> None:
+        if response is None:
+            controller.release(permit, status=None)
+            controller.count(failure.code if failure else "error")
+            return
+        usage = usage_of(response.body)
+        controller.release(
+            permit,
+            status=response.status_code,
+            used_tokens=usage.input_tokens + usage.output_tokens,
+            retry_after=response.retry_after,
+            headers=response.headers,
+        )
+        controller.count(str(response.status_code))
+
+    def _weight(self) -> float:
+        """This batch's share: its priority, boosted when its window is about to close."""
+        batch = self.batch
+        weight = PRIORITIES.get(batch.priority, 1.0)
+        window = batch.expires_at - batch.created_at
+        if window > 0 and batch.expires_at - time.time() < 0.25 * window:
+            weight *= 8  # the last quarter of the completion window: go first
+        return weight
