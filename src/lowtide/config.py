@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import ipaddress
 import os
 import re
 import tomllib
@@ -10,11 +13,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from lowtide.vocabulary import ENDPOINTS
+from lowtide.vocabulary import ENDPOINTS, WEBHOOK_EVENTS
 
 # ASCII digits only (\d would take "٢٤h"), no spaces, one lower-case unit: "24h", "90m", "1.5h".
 _DURATION = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,6})?)(s|m|h|d)", re.ASCII)
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_HOST_NAME = re.compile(r"[a-z0-9_-]{1,63}(\.[a-z0-9_-]{1,63})*", re.ASCII)
 
 # What each engine can serve, unless a route narrows it with `endpoints`.
 ENGINE_ENDPOINTS = {
@@ -233,6 +237,14 @@ class WorkerConfig(_Strict):
     )
     retry_base_seconds: float = Field(0.5, gt=0)
     retry_max_seconds: float = Field(30.0, gt=0)
+    # Webhook deliveries (runner/webhooks.py): a failed attempt is retried after base, 2x base,
+    # 4x base ... (with jitter) up to max, for retry_window seconds after the event.
+    webhook_retry_base_seconds: float = Field(5.0, gt=0)
+    webhook_retry_max_seconds: float = Field(3600.0, gt=0)
+    webhook_retry_window_seconds: float = Field(72 * 3600.0, gt=0)
+    webhook_timeout_seconds: float = Field(
+        10.0, gt=0, description="one delivery attempt, connect to last byte"
+    )
 
 
 class ServerConfig(_Strict):
@@ -255,6 +267,154 @@ class ServerConfig(_Strict):
     )
 
 
+def _webhook_secret(value: str) -> str:
+    """Standard Webhooks' form: 'whsec_' and the base64 of at least 24 random bytes."""
+    how = (
+        'make one with: python -c "import base64, os; '
+        "print('whsec_' + base64.b64encode(os.urandom(32)).decode())\""
+    )
+    if not value.startswith("whsec_"):
+        raise ValueError(f"a webhook secret must look like 'whsec_<base64>'; {how}")
+    try:
+        key = base64.b64decode(value[6:], validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"the part after 'whsec_' is not valid base64; {how}") from None
+    if len(key) < 24:
+        raise ValueError(
+            f"a webhook secret needs at least 24 bytes, this one has {len(key)}; {how}"
+        )
+    return value
+
+
+def _url_problem(url: str) -> str | None:
+    """Why `url` cannot be a webhook target (None: it can): http(s), a host, no credentials."""
+    from urllib.parse import urlsplit
+
+    if len(url) > 2048 or not url.isascii() or any(c.isspace() or ord(c) < 32 for c in url):
+        return "must be at most 2048 printable ASCII characters (punycode the host)"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number or out of range
+    except ValueError:
+        return "is not a valid URL"
+    if parts.scheme not in ("http", "https"):
+        return "must start with https:// or http://"
+    if "@" in parts.netloc:
+        return "must not carry credentials (user:password@)"
+    host = webhook_host(url)
+    if not host:
+        return "has no host"
+    if _ip(host) is None and not _HOST_NAME.fullmatch(host):
+        return "has an invalid host name"
+    return None
+
+
+def webhook_host(url: str) -> str:
+    """The URL's host as allowlists compare it: lower case, IPv6 without brackets."""
+    from urllib.parse import urlsplit
+
+    return (urlsplit(url).hostname or "").lower().rstrip(".")
+
+
+WebhookEvent = Literal["batch.completed", "batch.failed", "batch.expired", "batch.cancelled"]
+assert set(WebhookEvent.__args__) == set(WEBHOOK_EVENTS)  # type: ignore[attr-defined]
+
+
+class WebhookEndpoint(_Strict):
+    """One `[[webhooks]]` entry: where the events of (some) batches go, signed with `secret`."""
+
+    url: str
+    secret: str = Field(description="Standard Webhooks secret: 'whsec_<base64>'")
+    events: list[WebhookEvent] = Field(
+        default_factory=lambda: list(WEBHOOK_EVENTS), min_length=1, description="default: all"
+    )
+    projects: list[str] | None = Field(None, description="default: every project")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        problem = _url_problem(value)
+        if problem:
+            raise ValueError(f"webhook url {value!r} {problem}")
+        return value
+
+    @field_validator("secret")
+    @classmethod
+    def _secret(cls, value: str) -> str:
+        return _webhook_secret(value)
+
+    def wants(self, event_type: str, project: str) -> bool:
+        return event_type in self.events and (self.projects is None or project in self.projects)
+
+
+class BatchWebhooks(_Strict):
+    """`[batch_webhooks]`: which per-batch `webhook_url`s a create may ask for, and their secret."""
+
+    secret: str | None = Field(None, description="signs every per-batch delivery: 'whsec_<base64>'")
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="host names a per-batch URL may point at: 'hooks.example.com' exactly, or "
+        "'*.example.com' for any subdomain; IP addresses only when listed exactly; empty: none",
+    )
+
+    @field_validator("secret")
+    @classmethod
+    def _secret(cls, value: str | None) -> str | None:
+        return None if value is None else _webhook_secret(value)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        hosts = []
+        for entry in value:
+            name = entry.strip().lower().rstrip(".")
+            address = _ip(name.strip("[]"))
+            if address is not None:
+                hosts.append(str(address))
+                continue
+            bare = name[2:] if name.startswith("*.") else name
+            if not _HOST_NAME.fullmatch(bare):
+                raise ValueError(
+                    f"allowed_hosts entry {entry!r}: use a host name ('hooks.example.com'), "
+                    "'*.example.com' (any subdomain), or an IP address"
+                )
+            hosts.append(name)
+        return hosts
+
+    @model_validator(mode="after")
+    def _needs_secret(self) -> BatchWebhooks:
+        if self.allowed_hosts and self.secret is None:
+            raise ValueError("[batch_webhooks] allowed_hosts needs a secret to sign deliveries")
+        return self
+
+    def url_problem(self, url: str) -> str | None:
+        """Why a create may not use `url` as its webhook_url (None: it may)."""
+        problem = _url_problem(url)
+        if problem:
+            return problem
+        if not self.allowed_hosts:
+            return "is not accepted: this server allows no per-batch webhook URLs"
+        host = webhook_host(url)
+        address = _ip(host)
+        for allowed in self.allowed_hosts:
+            if address is not None:
+                if _ip(allowed) == address:  # IP literals: only when listed exactly
+                    return None
+            elif allowed.startswith("*."):
+                if host.endswith(allowed[1:]):  # a subdomain, not the domain itself
+                    return None
+            elif host == allowed:
+                return None
+        return f"is not accepted: host {host!r} is not in this server's allowed_hosts"
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
 class Config(_Strict):
     models: list[ModelRoute] = Field(default_factory=list)
     auth: AuthConfig = Field(default_factory=AuthConfig)
@@ -273,6 +433,10 @@ class Config(_Strict):
         True,
         description="serve the bundled models too; a configured route of the same name replaces one",
     )
+    webhooks: list[WebhookEndpoint] = Field(
+        default_factory=list, description="where batch events are delivered"
+    )
+    batch_webhooks: BatchWebhooks = Field(default_factory=BatchWebhooks)
 
     def resolved_database_url(self) -> str | None:
         """The configuration's database_url, else LOWTIDE_DATABASE_URL, else None (SQLite)."""

@@ -29,5 +29,14 @@ def new_request_id() -> str:
     return f"req_{random.getrandbits(128):032x}"
 
 
+def new_event_id() -> str:
+    return "evt_" + secrets.token_hex(16)
+
+
+def new_delivery_id() -> str:
+    """A webhook delivery's id: the `webhook-id` header, the same on every attempt."""
+    return "msg_" + secrets.token_hex(16)
+
+
 def new_worker_id() -> str:
     return "w_" + secrets.token_hex(6)

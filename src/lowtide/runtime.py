@@ -16,6 +16,7 @@ from lowtide.service import BatchService, FileService
 from lowtide.service.deps import Deps
 from lowtide.service.estimate import EstimateService
 from lowtide.service.usage import UsageService
+from lowtide.service.webhooks import WebhookService
 from lowtide.store.database import Database, sqlite_url
 
 log = logging.getLogger("lowtide")
@@ -34,6 +35,7 @@ class Runtime:
     batches: BatchService = field(init=False)
     usage: UsageService = field(init=False)
     estimates: EstimateService = field(init=False)
+    webhooks: WebhookService = field(init=False)
     worker: Worker | None = field(init=False, default=None)
     _worker_task: asyncio.Task[None] | None = field(init=False, default=None)
 
@@ -52,12 +54,18 @@ class Runtime:
             self.config.routes(), cache_dir=self.model_cache_dir or self.data_dir / "models"
         )
         deps = Deps(
-            self.db, self.blobs, self.config.batches, self.wake_worker, self.config.currency
+            self.db,
+            self.blobs,
+            self.config.batches,
+            self.wake_worker,
+            self.config.currency,
+            batch_webhooks=self.config.batch_webhooks,
         )
         self.files = FileService(deps)
         self.batches = BatchService(deps)
         self.usage = UsageService(deps)
         self.estimates = EstimateService(deps, self.router)
+        self.webhooks = WebhookService(deps)
 
     async def start(self) -> None:
         for route, problem in self.router.config_problems().items():

@@ -24,6 +24,8 @@ TERMINAL = frozenset(
     {BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLED}
 )
 UNFINISHED = frozenset(set(BatchStatus) - TERMINAL)
+# A batch in one of these may be retried: its lines that did not succeed run again.
+RETRYABLE = frozenset({BatchStatus.COMPLETED, BatchStatus.EXPIRED, BatchStatus.CANCELLED})
 # A batch in one of these may still be cancelled (or expire) and stop early.
 STOPPABLE = frozenset({BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS})
 
@@ -98,3 +100,6 @@ DEFAULT_PRIORITY = "normal"
 
 # The project of every request when no API keys are configured.
 DEFAULT_PROJECT = "default"
+
+# The events a batch's end sends to webhooks (OpenAI's names), one per terminal status.
+WEBHOOK_EVENTS = ("batch.completed", "batch.failed", "batch.expired", "batch.cancelled")

@@ -8,7 +8,7 @@ from fastapi import FastAPI, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lowtide.api import batches, files, organization
+from lowtide.api import batches, files, organization, webhooks
 from lowtide.api.guards import FrontDoor
 from lowtide.api.openapi import install_openapi
 from lowtide.api.responses import (
@@ -79,6 +79,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(files.router)
     app.include_router(batches.router)
     app.include_router(organization.router)
+    app.include_router(webhooks.router)
     install_openapi(app)
 
     @app.get("/metrics", include_in_schema=False)

@@ -25,7 +25,7 @@ from lowtide.api.schemas import (
     BatchList,
     responses,
 )
-from lowtide.service import BatchRequest, BatchService
+from lowtide.service import BatchRequest, BatchService, RerunRequest
 from lowtide.vocabulary import ENDPOINTS
 
 router = APIRouter(tags=["Batches"])
@@ -74,6 +74,12 @@ class CreateBatch(BaseModel):
     )
     metadata: dict[str, Any] | None = Field(None, json_schema_extra=METADATA_SCHEMA)
     output_expires_after: OutputExpiresAfter | None = None
+    webhook_url: str | None = Field(
+        None,
+        max_length=2048,
+        description="Extension: also announce this batch's end here (signed webhooks); the "
+        "host must be in the server's [batch_webhooks] allowed_hosts",
+    )
 
     def request(self) -> BatchRequest:
         oea = self.output_expires_after
@@ -83,6 +89,7 @@ class CreateBatch(BaseModel):
             self.completion_window,
             self.metadata,
             (oea.anchor, oea.seconds) if oea else None,
+            webhook_url=self.webhook_url,
         )
 
 
@@ -137,6 +144,37 @@ async def retrieve_batch(request: Request, batch_id: str, project: Project):
 )
 async def cancel_batch(request: Request, batch_id: str, project: Project):
     return json_response(batch_object(await _batches(request).cancel(project, batch_id)))
+
+
+class RetryBatch(BaseModel):
+    codes: list[Annotated[str, Field(max_length=64)]] | None = Field(
+        None, max_length=100, description="rerun only error lines with these error codes"
+    )
+    custom_ids: list[Annotated[str, Field(max_length=512)]] | None = Field(
+        None, max_length=100_000, description="rerun only these lines"
+    )
+    completion_window: str | None = Field(
+        None, max_length=16, description="a new window for the rerun (default: the batch's own)"
+    )
+
+
+@router.post(
+    "/v1/batches/{batch_id}/retry",
+    summary="Rerun the lines that did not succeed (extension)",
+    description="On a completed, expired or cancelled batch: runs again every line that "
+    "failed, expired or was cancelled (or those of `codes` / `custom_ids`), keeps every other "
+    "result, and publishes merged output and error files. Cancel then retry is pause and resume.",
+    responses=responses(Batch, 400, 401, 404, (409, "The batch has not ended")),
+)
+async def retry_batch(
+    request: Request, batch_id: str, project: Project, body: RetryBatch | None = None
+):
+    body = body or RetryBatch()
+    selection = RerunRequest(
+        codes=body.codes, custom_ids=set(body.custom_ids) if body.custom_ids is not None else None
+    )
+    view = await _batches(request).retry(project, batch_id, selection, body.completion_window)
+    return json_response(batch_object(view))
 
 
 @router.get(

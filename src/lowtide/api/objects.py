@@ -7,6 +7,7 @@ from typing import Any
 import orjson
 
 from lowtide.service import BatchView, FileRow
+from lowtide.service.webhooks import BATCH_TARGET, DeliveryView
 from lowtide.vocabulary import TERMINAL, ChunkMode, FileStatus
 
 
@@ -74,6 +75,7 @@ def batch_object(view: BatchView) -> dict[str, Any]:
                 "no_price_lines": counts.unpriced,
             },
             "rerun_lines": counts.rerun_lines,
+            "retries": row.retries,
             # Lines that go through the provider's own Batch API (upstream_batch routes).
             "upstream_batches": {
                 "lines_with_provider": view.lines_with_provider,
@@ -91,7 +93,36 @@ def batch_object(view: BatchView) -> dict[str, Any]:
             }
             if view.chunks
             else None,
+            "webhook_url": row.webhook_url,
         },
+    }
+
+
+def webhook_delivery_object(view: DeliveryView) -> dict[str, Any]:
+    d = view.delivery
+    return {
+        "id": d.id,
+        "object": "batch.webhook_delivery",
+        "batch_id": d.batch_id,
+        "event_id": d.event_id,
+        "event_type": view.event_type,
+        "url": d.url,
+        "target": d.target if d.target == BATCH_TARGET else f"webhooks[{d.target}]",
+        "status": d.status,
+        "next_attempt_at": int(d.next_attempt_at) if d.status == "pending" else None,
+        "last_status": d.last_status,
+        "last_error": d.last_error,
+        "created_at": d.created_at,
+        "delivered_at": d.delivered_at,
+        "attempts": [
+            {
+                "at": int(a.at),
+                "status_code": a.status_code,
+                "error": a.error,
+                "duration_ms": a.duration_ms,
+            }
+            for a in view.attempts
+        ],
     }
 
 

@@ -60,6 +60,36 @@ def _tell_the_truth(doc: dict[str, Any], app: FastAPI) -> None:
             " (this server's range), e.g. '24h', '90m', '7d'. The pattern spells the whole-number"
             " forms; a decimal such as '1.5h' is accepted too."
         )
+    hook = schemas.get("CreateBatch", {}).get("properties", {}).get("webhook_url")
+    if hook is not None:
+        hosts = app.state.runtime.config.batch_webhooks.allowed_hosts
+        hook.clear()
+        hook.update(webhook_url_schema(hosts))
+
+
+def webhook_url_schema(allowed_hosts: list[str]) -> dict[str, Any]:
+    """`webhook_url` as this server takes it: null only, with no [batch_webhooks] allowed_hosts;
+    otherwise an http(s) URL on one of them (the pattern spells the lower-case form)."""
+    if not allowed_hosts:
+        return {
+            "type": "null",
+            "description": "Extension: a URL that also gets this batch's webhook events. This "
+            "server accepts none ([batch_webhooks] allowed_hosts is empty).",
+        }
+    names = []
+    for host in allowed_hosts:
+        if host.startswith("*."):
+            names.append(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*" + host[1:].replace(".", r"\."))
+        elif ":" in host:  # an IPv6 address
+            names.append(r"\[" + host + r"\]")
+        else:
+            names.append(host.replace(".", r"\."))
+    pattern = rf"^https?://(?:{'|'.join(names)})(?::[0-9]{{1,5}})?(?:[/?#][!-~]*)?$"
+    return {
+        "anyOf": [{"type": "string", "maxLength": 2048, "pattern": pattern}, {"type": "null"}],
+        "description": "Extension: a URL that also gets this batch's webhook events, signed "
+        f"with the server's [batch_webhooks] secret. Hosts allowed: {', '.join(allowed_hosts)}.",
+    }
 
 
 def duration_pattern(low: float, high: float) -> str:

@@ -141,8 +141,12 @@ class LowtideBatchExtension(BaseModel):
     rerun_lines: int = Field(
         description="lines that ran upstream twice because an early stop discarded their results"
     )
+    retries: int = Field(description="times the batch was retried (POST /v1/batches/{id}/retry)")
     upstream_batches: UpstreamBatches | None = Field(
         description="lines sent through the provider's own Batch API (routes with upstream_batch)"
+    )
+    webhook_url: str | None = Field(
+        description="where this batch's end is announced, as asked for at create (webhooks)"
     )
 
 
@@ -170,6 +174,43 @@ class Batch(BaseModel):
     usage: BatchUsage
     metadata: dict[str, str] | None
     lowtide: LowtideBatchExtension
+
+
+class WebhookAttempt(BaseModel):
+    at: int = Field(description="Unix seconds when the attempt started")
+    status_code: int | None = Field(description="the receiver's HTTP status; null: no answer")
+    error: str | None = Field(description="why it did not count as delivered; null: 2xx")
+    duration_ms: int
+
+
+class WebhookDelivery(BaseModel):
+    """One batch event sent to one URL (extension): the same `webhook-id` on every attempt."""
+
+    id: str = Field(description="the webhook-id header of every attempt")
+    object: Literal["batch.webhook_delivery"]
+    batch_id: str
+    event_id: str = Field(description="the payload's id (evt_...)")
+    event_type: Literal["batch.completed", "batch.failed", "batch.expired", "batch.cancelled"]
+    url: str
+    target: str = Field(
+        description="whose secret signs it: 'webhooks[N]' (the server's N-th [[webhooks]] "
+        "entry) or 'batch' (the batch's webhook_url, [batch_webhooks])"
+    )
+    status: Literal["pending", "delivered", "failed"]
+    next_attempt_at: int | None = Field(description="Unix seconds, while pending")
+    last_status: int | None
+    last_error: str | None
+    created_at: int
+    delivered_at: int | None
+    attempts: list[WebhookAttempt] = Field(description="oldest first")
+
+
+class WebhookDeliveryList(BaseModel):
+    object: Literal["list"]
+    data: list[WebhookDelivery]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
 
 
 class BatchList(BaseModel):

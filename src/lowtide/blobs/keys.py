@@ -4,6 +4,7 @@
     segments/<batch id>/<shard>-<first line>-<nonce>.jsonl   committed (or orphaned) results
     segments/<batch id>/chunk-<idx>-<nonce>.jsonl        results of an upstream chunk
     segments/<batch id>/chunk-<idx>-<nonce>.lines        the lines a retry chunk sends
+    segments/<batch id>/prev-<shard>-<nonce>.jsonl       a rerun shard's previous results
 
 The sweeper reads these back to find what a crash left behind, so parse beside build.
 """
@@ -37,6 +38,10 @@ def chunk_result_key(batch_id: str, idx: int) -> str:
 def chunk_lines_key(batch_id: str) -> str:
     """Written before the chunk's index is known (that comes with its commit)."""
     return f"{SEGMENTS}{batch_id}/chunk-next-{uuid.uuid4().hex}.lines"
+
+
+def previous_results_key(batch_id: str, shard_idx: int) -> str:
+    return f"{SEGMENTS}{batch_id}/prev-{shard_idx:07d}-{uuid.uuid4().hex}.jsonl"
 
 
 def batch_of_segment(key: str) -> str:

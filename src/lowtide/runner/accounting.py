@@ -23,6 +23,7 @@ class FinishedLine:
     priced: bool = True
     cost: float = 0.0
     sync_cost: float = 0.0
+    replayed: bool = False  # kept from an earlier run of a retried batch: already in the ledger
 
 
 def answered(
@@ -39,6 +40,28 @@ def answered(
         priced=route.priced,
         cost=sync * route.price_factor(provider_batch=provider_batch),
         sync_cost=sync,
+    )
+
+
+def replayed(
+    result: ResultLine, usage: Usage, route: ModelRoute | None, model: str
+) -> FinishedLine:
+    """A result kept from an earlier run: it counts (tokens, cost) in the merged batch, but it
+    is not charged again. Its cost is read at the route's prices of today."""
+    sync = (
+        route.sync_price(usage.input_tokens, usage.cached_tokens, usage.output_tokens)
+        if route
+        else 0.0
+    )
+    return FinishedLine(
+        result,
+        usage,
+        model,
+        answered=result.ok or usage.input_tokens > 0,
+        priced=route is not None and route.priced,
+        cost=sync * route.price_factor() if route else 0.0,
+        sync_cost=sync,
+        replayed=True,
     )
 
 
@@ -62,6 +85,8 @@ def tally(items: list[FinishedLine], endpoint: str) -> tuple[Counts, list[UsageD
             continue
         if not line.priced:
             counts.unpriced += 1
+        if line.replayed:
+            continue  # in the ledger since the run that answered it
         delta = by_model.get(line.model)
         if delta is None:
             delta = by_model[line.model] = UsageDelta(model=line.model, endpoint=endpoint)

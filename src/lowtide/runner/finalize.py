@@ -17,13 +17,14 @@ from lowtide.blobs import BlobStore, BlobWriter
 from lowtide.blobs.keys import file_key
 from lowtide.ids import new_file_id, request_line_id
 from lowtide.runner import segment_lines
+from lowtide.runner.rerun import parse_previous
 from lowtide.runner.results import CANCELLED_MESSAGE, EXPIRED_MESSAGE, error_line
 from lowtide.runner.validation import iter_request_lines
 from lowtide.store.chunks import chunks_of
 from lowtide.store.database import Database
 from lowtide.store.files import blob_key_of
 from lowtide.store.leases import BatchTask
-from lowtide.store.rows import BatchRow, FileRow, ShardRow
+from lowtide.store.rows import BatchRow, Counts, FileRow, ShardRow
 from lowtide.store.segments import batch_counts, publish_batch, segments_of, shards_of
 from lowtide.vocabulary import BatchStatus, FilePurpose, ShardStatus, StopReason
 
@@ -67,6 +68,7 @@ async def finalize_batch(db: Database, blobs: BlobStore, task: BatchTask) -> boo
     try:
         shards = await shards_of(db, batch.id)
         input_key = await blob_key_of(db, batch.input_file_id) if shards else ""
+        kept = Counts()  # lines a stopped rerun never replayed: they keep their results
         for shard in shards:
             for segment in await segments_of(db, batch.id, shard.idx):
                 segment_keys.append(segment.blob_key)
@@ -77,8 +79,10 @@ async def finalize_batch(db: Database, blobs: BlobStore, task: BatchTask) -> boo
                     )
                 for result in results:
                     await (out if result.ok else err).add(result.line)
+            if shard.prev_key is not None:
+                segment_keys.append(shard.prev_key)
             if shard.status != ShardStatus.UPSTREAM and shard.committed < shard.request_count:
-                await _unfinished_lines(blobs, input_key, batch, shard, err)
+                kept += await _unfinished_lines(blobs, input_key, batch, shard, out, err)
         # Lines that went to a provider: each chunk committed a result for every line it did
         # not hand on to a later chunk.
         for chunk in await chunks_of(db, batch.id):
@@ -120,7 +124,7 @@ async def finalize_batch(db: Database, blobs: BlobStore, task: BatchTask) -> boo
         f"{terminal}_at": now,
         "output_file_id": out.file_id if out.lines else None,
         "error_file_id": err.file_id if err.lines else None,
-        **asdict(await batch_counts(db, batch.id)),
+        **asdict(await batch_counts(db, batch.id) + kept),
     }
     if not await publish_batch(db, batch.id, task.epoch, values, file_rows):
         for f in outputs:
@@ -140,9 +144,15 @@ _TERMINAL_STATUS = {
 
 
 async def _unfinished_lines(
-    blobs: BlobStore, input_key: str, batch: BatchRow, shard: ShardRow, err: _OutputFile
-) -> None:
-    """Lines that never ran become batch_cancelled / batch_expired error lines."""
+    blobs: BlobStore,
+    input_key: str,
+    batch: BatchRow,
+    shard: ShardRow,
+    out: _OutputFile,
+    err: _OutputFile,
+) -> Counts:
+    """Lines that never ran become batch_cancelled / batch_expired error lines; in a rerun that
+    stopped early, lines that keep an earlier result keep it."""
     code, message = (
         ("batch_expired", EXPIRED_MESSAGE)
         if batch.stop_reason == StopReason.EXPIRED
@@ -150,7 +160,17 @@ async def _unfinished_lines(
     )
     data = await blobs.read_range(input_key, shard.byte_start, shard.byte_end)
     lines = iter_request_lines(data)
+    previous = parse_previous(await blobs.read(shard.prev_key)) if shard.prev_key else None
+    kept = Counts()
     for offset in range(shard.committed, shard.request_count):
+        if previous is not None and (line := previous[offset]) is not None:
+            await (out if line.ok else err).add(line.line)
+            if line.ok:
+                kept.completed += 1
+            else:
+                kept.failed += 1
+            continue
         custom_id = orjson.loads(lines[offset]).get("custom_id")
         line_id = request_line_id(batch.id, shard.first_request + offset)
         await err.add(error_line(line_id, custom_id, code, message).line)
+    return kept

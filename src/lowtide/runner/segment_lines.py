@@ -31,12 +31,7 @@ def decode(data: bytes) -> Iterator[ResultLine]:
 
 async def stream(pieces: AsyncIterator[bytes]) -> AsyncIterator[ResultLine]:
     """`decode` over a blob read piece by piece: a chunk's results may be hundreds of MB."""
-    buffer = b""
-    async for piece in pieces:
-        buffer += piece
-        *complete, buffer = buffer.split(b"\n")
-        for raw in complete:
-            if raw:
-                yield ResultLine(raw[:1] == _OK, raw[1:])
-    if buffer:
-        yield ResultLine(buffer[:1] == _OK, buffer[1:])
+    from lowtide.runner.validation import stream_lines
+
+    async for raw in stream_lines(pieces):
+        yield ResultLine(raw[:1] == _OK, raw[1:])

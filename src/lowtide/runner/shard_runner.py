@@ -18,8 +18,11 @@ import orjson
 from lowtide.blobs.keys import segment_key
 from lowtide.ids import request_line_id
 from lowtide.runner import segment_lines
-from lowtide.runner.accounting import FinishedLine, tally
+from lowtide.runner.accounting import FinishedLine, replayed, tally
 from lowtide.runner.context import RunnerContext
+from lowtide.runner.rerun import parse_previous
+from lowtide.runner.results import usage_of
+from lowtide.runner.segment_lines import ResultLine
 from lowtide.runner.sending import LineSender
 from lowtide.runner.validation import iter_request_lines
 from lowtide.store.files import blob_key_of
@@ -40,6 +43,7 @@ class ShardRun:
         self._committed = claim.committed
         self._tasks: set[asyncio.Task[None]] = set()
         self._sender = LineSender(ctx, claim, self)
+        self._previous: list[ResultLine | None] | None = None  # a rerun's results to keep
         self._commit_lock = asyncio.Lock()
         self._commit_wanted = asyncio.Event()
         self._closing = False
@@ -52,6 +56,8 @@ class ShardRun:
             data = await self.ctx.blobs.read_range(key, claim.byte_start, claim.byte_end)
             lines = iter_request_lines(data)
             del data
+            if claim.prev_key is not None:
+                self._previous = parse_previous(await self.ctx.blobs.read(claim.prev_key))
             if len(lines) != claim.request_count:
                 raise RuntimeError(
                     f"shard {claim.batch_id}/{claim.idx}: expected {claim.request_count} lines, read {len(lines)}"
@@ -154,8 +160,18 @@ class ShardRun:
             self._commit_wanted.set()
 
     async def _execute(self, index: int, raw: bytes) -> FinishedLine | None:
+        if self._previous is not None and (kept := self._previous[index]) is not None:
+            return self._replay(kept, raw)
         line_id = request_line_id(self.claim.batch_id, self.claim.first_request + index)
         return await self._sender.run_line(line_id, raw)
+
+    def _replay(self, kept: ResultLine, raw: bytes) -> FinishedLine:
+        """A line that keeps its earlier result: counted with its tokens and cost, not billed
+        again (the ledger has it from the run that answered it)."""
+        response = orjson.loads(kept.line).get("response")
+        body = response.get("body") if isinstance(response, dict) else None
+        model = str(orjson.loads(raw)["body"].get("model"))
+        return replayed(kept, usage_of(body), self.ctx.router.route_for(model), model)
 
     # -- commits -------------------------------------------------------------------------
     async def _committer(self) -> None:

@@ -42,7 +42,7 @@ from lowtide.runner.results import (
 )
 from lowtide.runner.retry import is_retryable_status
 from lowtide.runner.sending import LineSender
-from lowtide.runner.validation import iter_request_lines
+from lowtide.runner.validation import iter_request_lines, stream_lines
 from lowtide.store.chunks import (
     ChunkClaim,
     batch_stop_reason,
@@ -439,7 +439,7 @@ class ChunkRun:
             ):
                 if not file_id:
                     continue
-                async for raw in _jsonl(client.download(str(file_id))):
+                async for raw in stream_lines(client.download(str(file_id))):
                     line = self._provider_line(raw, lines, finished, again, route, may_resend)
                     if line is not None:
                         await results.add(line)
@@ -664,7 +664,7 @@ class ChunkRun:
         """(index in the batch, request line) for every line of the chunk, in order."""
         chunk, blobs = self.claim.chunk, self.ctx.blobs
         if chunk.source_key is not None:
-            async for raw in _jsonl(blobs.iter_chunks(chunk.source_key)):
+            async for raw in stream_lines(blobs.iter_chunks(chunk.source_key)):
                 index, _, request = raw.partition(b"\t")
                 yield int(index), request
             return
@@ -693,16 +693,3 @@ def _stopped(stop: str) -> tuple[str, str]:
     if stop == StopReason.EXPIRED:
         return "batch_expired", EXPIRED_MESSAGE
     return "batch_cancelled", CANCELLED_MESSAGE
-
-
-async def _jsonl(pieces: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Non-blank lines of a stream of bytes."""
-    buffer = b""
-    async for piece in pieces:
-        buffer += piece
-        *complete, buffer = buffer.split(b"\n")
-        for line in complete:
-            if line.strip():
-                yield line
-    if buffer.strip():
-        yield buffer

@@ -27,6 +27,19 @@ def iter_request_lines(data: bytes) -> list[bytes]:
     return [line for line in data.split(b"\n") if line.strip()]
 
 
+async def stream_lines(pieces: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The non-blank lines of a byte stream (a blob, a download), a line at a time."""
+    buffer = b""
+    async for piece in pieces:
+        buffer += piece
+        *complete, buffer = buffer.split(b"\n")
+        for line in complete:
+            if line.strip():
+                yield line
+    if buffer.strip():
+        yield buffer
+
+
 @dataclass
 class ValidationResult:
     total: int

@@ -19,9 +19,11 @@ from lowtide.ids import new_worker_id
 from lowtide.runner import budgets, sweeper
 from lowtide.runner.context import RunnerContext
 from lowtide.runner.finalize import finalize_batch
+from lowtide.runner.rerun import plan_rerun
 from lowtide.runner.shard_runner import ShardRun
 from lowtide.runner.upstream import ChunkRunner
 from lowtide.runner.validation import FileValidator, confirm_duplicates
+from lowtide.runner.webhooks import WebhookSender
 from lowtide.store import leases
 from lowtide.store.batches import finish_validation, stopped_among
 from lowtide.store.database import Database
@@ -46,6 +48,7 @@ class Worker:
             db, blobs, router, config.worker, spend=budgets.DailySpend(db, config)
         )
         self.chunks = ChunkRunner(self.ctx, self.id)
+        self.webhooks = WebhookSender(db, config, self.id)
         self._wake = asyncio.Event()
         self._stopping = False
         self._shards: dict[asyncio.Task[None], ShardRun] = {}
@@ -92,6 +95,7 @@ class Worker:
             run.stopping = True
         pending = set(self._shards) | self._batch_tasks
         chunks = asyncio.create_task(self.chunks.stop(timeout))
+        hooks = asyncio.create_task(self.webhooks.stop(timeout))
         if pending:
             _, still = await asyncio.wait(pending, timeout=timeout)
             for task in still:
@@ -99,6 +103,7 @@ class Worker:
             if still:
                 await asyncio.wait(still)
         await chunks
+        await hooks
 
     async def _tick(self) -> None:
         now = time.time()
@@ -123,6 +128,7 @@ class Worker:
             await self._claim_shards(cfg.max_batches_in_flight, idle_batches_only=True)
             await self._claim_shards(cfg.max_active_shards, idle_batches_only=False)
             await self.chunks.tick(time.time())
+            await self.webhooks.tick(time.time())
         if now - self._last_route_log >= 30:
             self._last_route_log = now
             self._log_routes()
@@ -156,7 +162,11 @@ class Worker:
 
     # -- validation and finalize ---------------------------------------------------------
     def _spawn_batch_task(self, task: BatchTask) -> None:
-        job = self._validate if task.kind == TaskKind.VALIDATE else self._finalize
+        job = {
+            TaskKind.VALIDATE: self._validate,
+            TaskKind.RERUN: self._plan_rerun,
+            TaskKind.FINALIZE: self._finalize,
+        }[task.kind]
         t = asyncio.create_task(self._with_lease(task, job))
         self._batch_tasks.add(t)
         t.add_done_callback(self._batch_task_finished)
@@ -210,6 +220,10 @@ class Worker:
         # A no-op when the job already moved the batch on (that bumps nothing but clears the
         # lease); otherwise the batch is free for the next claim at once, or after retry_at.
         await leases.release_batch_lease(self.db, task.batch.id, task.epoch, retry_at)
+
+    async def _plan_rerun(self, task: BatchTask) -> None:
+        if await plan_rerun(self.db, self.blobs, task):
+            log.info("batch %s runs again (retry %d)", task.batch.id, task.batch.retries)
 
     async def _finalize(self, task: BatchTask) -> None:
         if await finalize_batch(self.db, self.blobs, task):

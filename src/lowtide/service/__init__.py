@@ -1,5 +1,6 @@
 """The use cases, once: every face (OpenAI API, CLI, and later ones) calls these and nothing below."""
 
+from lowtide.runner.rerun import RerunRequest
 from lowtide.service.batches import BatchRequest, BatchService, BatchView
 from lowtide.service.files import FileService, FileUpload
 from lowtide.store.rows import BatchRow, Counts, FileRow
@@ -13,4 +14,5 @@ __all__ = [
     "FileRow",
     "FileService",
     "FileUpload",
+    "RerunRequest",
 ]

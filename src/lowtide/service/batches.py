@@ -12,6 +12,7 @@ import orjson
 from lowtide.config import parse_duration
 from lowtide.errors import ApiError, invalid_value
 from lowtide.ids import new_batch_id
+from lowtide.runner.rerun import RerunRequest
 from lowtide.runner.validation import first_request_url
 from lowtide.service import results
 from lowtide.service.deps import UseCases, expires_after_seconds
@@ -23,6 +24,7 @@ from lowtide.vocabulary import (
     DEFAULT_PRIORITY,
     ENDPOINTS,
     PRIORITIES,
+    RETRYABLE,
     TERMINAL,
     BatchStatus,
     ChunkStatus,
@@ -73,6 +75,7 @@ class BatchRequest:
     completion_window: str
     metadata: dict[str, Any] | None = None
     output_expires_after: tuple[str, int] | None = None  # (anchor, seconds)
+    webhook_url: str | None = None  # extension: announce the batch's end here too
 
 
 class BatchService(UseCases):
@@ -100,6 +103,7 @@ class BatchService(UseCases):
             output_expires_seconds=output_ttl,
             priority=(metadata or {}).get("priority", DEFAULT_PRIORITY),
             idempotency_key=idempotency_key,
+            webhook_url=request.webhook_url,
         )
         earlier = await batch_store.insert_batch(self._db, row)
         if earlier is None:
@@ -123,6 +127,13 @@ class BatchService(UseCases):
         _check_endpoint(request.endpoint)
         window = self._window_seconds(request.completion_window)
         _check_metadata(request.metadata)
+        if request.webhook_url is not None:
+            problem = self._batch_webhooks.url_problem(request.webhook_url)
+            if problem:
+                raise invalid_value(
+                    "webhook_url",
+                    f"Invalid 'webhook_url': {request.webhook_url[:200]!r} {problem}.",
+                )
         output_ttl = None
         if request.output_expires_after is not None:
             output_ttl = expires_after_seconds(
@@ -153,6 +164,52 @@ class BatchService(UseCases):
             )
         self._wake()
         return (await self._views([row]))[0]
+
+    async def retry(
+        self,
+        project: str,
+        batch_id: str,
+        selection: RerunRequest,
+        completion_window: str | None = None,
+    ) -> BatchView:
+        """Run again the lines that did not succeed (or those selected), keeping every other
+        result: the batch goes back to in_progress and ends with merged files."""
+        row = await self._row(project, batch_id)
+        if row.status not in RETRYABLE:
+            raise ApiError(
+                409,
+                f"Cannot retry a batch with status '{row.status}': only a completed, expired "
+                "or cancelled batch can be retried.",
+                headers={"x-should-retry": "false"},
+            )
+        if await chunks_of_batches(self._db, [row.id]):
+            raise ApiError(
+                409,
+                "Retry is not yet supported for batches with lines sent through a provider's "
+                "Batch API (upstream_batch routes).",
+                headers={"x-should-retry": "false"},
+            )
+        now = int(time.time())
+        for name, file_id in (("output", row.output_file_id), ("error", row.error_file_id)):
+            if file_id and await get_file(self._db, project, file_id, now) is None:
+                raise ApiError(
+                    409,
+                    f"The {name} file {file_id} of batch {row.id} was deleted or has expired: "
+                    "its results cannot be merged with a rerun.",
+                    param="batch_id",
+                    code="file_not_found",
+                    headers={"x-should-retry": "false"},
+                )
+        window = self._window_seconds(completion_window or row.completion_window)
+        rerun = await batch_store.request_rerun(
+            self._db, project, row.id, now, selection.dumps(), now + window
+        )
+        if rerun is None:
+            raise ApiError(
+                409, "The batch changed while it was being retried; retrieve it and try again."
+            )
+        self._wake()
+        return (await self._views([rerun]))[0]
 
     async def results(
         self, project: str, batch_id: str, *, output: bool, errors: bool

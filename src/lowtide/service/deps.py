@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lowtide.blobs import BlobStore
-from lowtide.config import BatchLimits
+from lowtide.config import BatchLimits, BatchWebhooks
 from lowtide.errors import invalid_value
 from lowtide.store.database import Database
 
@@ -20,6 +20,7 @@ class Deps:
     limits: BatchLimits
     wake: Callable[[], None]  # new work, a delete or a cancel: tell this process's worker now
     currency: str = "USD"
+    batch_webhooks: BatchWebhooks = field(default_factory=BatchWebhooks)  # per-batch URL policy
 
 
 class UseCases:
@@ -33,6 +34,7 @@ class UseCases:
             deps.wake,
         )
         self._currency = deps.currency
+        self._batch_webhooks = deps.batch_webhooks
 
 
 def expires_after_seconds(param: str, anchor: str | None, seconds: object) -> int:

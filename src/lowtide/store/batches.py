@@ -10,9 +10,10 @@ from sqlalchemy.exc import IntegrityError
 
 from lowtide.store.database import Database, storable
 from lowtide.store.pages import page
-from lowtide.store.rows import BatchRow, ChunkRow, Counts, ShardRow
+from lowtide.store.rows import COUNT_COLUMNS, BatchRow, ChunkRow, Counts, ShardRow
 from lowtide.store.schema import batches, count_sums, shards, upstream_chunks
-from lowtide.vocabulary import STOPPABLE, UNFINISHED, BatchStatus, StopReason
+from lowtide.store.webhooks import record_event
+from lowtide.vocabulary import STOPPABLE, UNFINISHED, BatchStatus, ShardStatus, StopReason
 
 
 async def insert_batch(db: Database, row: BatchRow) -> BatchRow | None:
@@ -164,6 +165,92 @@ async def finish_validation(
             await conn.execute(insert(shards), [s.values() for s in chunk])
         if chunk_rows:
             await conn.execute(insert(upstream_chunks), [c.values() for c in chunk_rows])
+        if errors:  # the batch failed: its webhook event, in the same transaction
+            await record_event(conn, batch_id, BatchStatus.FAILED, now)
+    return True
+
+
+async def request_rerun(
+    db: Database, project: str, batch_id: str, now: int, selection: str, expires_at: int
+) -> BatchRow | None:
+    """Move an ended batch back to in_progress with the lines to run again; None if it is not
+    (or no longer) a completed, expired or cancelled batch of this project."""
+    if not storable(batch_id):
+        return None
+    ended = (BatchStatus.COMPLETED, BatchStatus.EXPIRED, BatchStatus.CANCELLED)
+    values: dict[str, Any] = {
+        name: None
+        for name in (
+            "finalizing_at",
+            "completed_at",
+            "expired_at",
+            "cancelling_at",
+            "cancelled_at",
+            "stop_reason",
+            "paused_reason",
+            "lease_owner",
+            "lease_expires_at",
+        )
+    }
+    async with db.write() as conn:
+        result = await conn.execute(
+            update(batches)
+            .where(
+                batches.c.id == batch_id,
+                batches.c.project == project,
+                batches.c.status.in_(ended),
+            )
+            .values(
+                status=BatchStatus.IN_PROGRESS,
+                in_progress_at=now,
+                expires_at=expires_at,
+                retries=batches.c.retries + 1,
+                retry_request=selection,
+                **values,
+            )
+        )
+        if result.rowcount != 1:
+            return None
+        row = (await conn.execute(select(batches).where(batches.c.id == batch_id))).one()
+    return BatchRow.from_row(row)
+
+
+async def start_rerun(db: Database, batch_id: str, epoch: int, previous: dict[int, str]) -> bool:
+    """Every shard runs again over its previous results; the batch's earlier files are let go
+    (they stay as files). One step, and only while the planner holds the batch's lease."""
+    async with db.write() as conn:
+        result = await conn.execute(
+            update(batches)
+            .where(
+                batches.c.id == batch_id,
+                batches.c.lease_epoch == epoch,
+                batches.c.retry_request.is_not(None),
+            )
+            .values(
+                retry_request=None,
+                output_file_id=None,
+                error_file_id=None,
+                lease_owner=None,
+                lease_expires_at=None,
+            )
+        )
+        if result.rowcount != 1:
+            return False
+        zero = {name: 0 for name in COUNT_COLUMNS}
+        for idx, key in previous.items():
+            await conn.execute(
+                update(shards)
+                .where(shards.c.batch_id == batch_id, shards.c.idx == idx)
+                .values(
+                    status=ShardStatus.PENDING,
+                    committed=0,
+                    prev_key=key,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    lease_epoch=shards.c.lease_epoch + 1,
+                    **zero,
+                )
+            )
     return True
 
 

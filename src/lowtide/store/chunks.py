@@ -138,6 +138,10 @@ async def commit_chunk(
             return False
         await add_usage(conn, claim.batch.project, day_of(now), usage)
         if follow_up is not None:
+            # One follow-up numbering at a time per batch (PostgreSQL; SQLite has one writer).
+            await conn.execute(
+                select(batches.c.id).where(batches.c.id == claim.chunk.batch_id).with_for_update()
+            )
             top = (
                 await conn.execute(
                     select(func.max(upstream_chunks.c.idx)).where(

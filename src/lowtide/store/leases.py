@@ -30,6 +30,7 @@ from lowtide.vocabulary import (
 
 class TaskKind(StrEnum):
     VALIDATE = "validate"
+    RERUN = "rerun"  # plan a retried batch from its published files
     FINALIZE = "finalize"
 
 
@@ -57,6 +58,7 @@ class ShardClaim:
     priority: str = "normal"
     created_at: int = 0
     expires_at: int = 0
+    prev_key: str | None = None  # a rerun: the earlier results to keep (runner/rerun.py)
 
 
 class LeaseState(StrEnum):
@@ -126,22 +128,27 @@ async def claim_batch_task(db: Database, worker: str, now: float, lease: float) 
     unfinished_shard = _unfinished_work()
     stopped = batches.c.stop_reason.is_not(None)
     validate = and_(batches.c.status == BatchStatus.VALIDATING, ~stopped)
-    finalize = or_(
-        and_(batches.c.status == BatchStatus.VALIDATING, stopped),
-        and_(
-            batches.c.status.in_((BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING)),
-            stopped,
-            ~_live_shard(now),
-            ~_unfinished_chunk(),  # its chunks cancel their provider batches first
+    planning = batches.c.retry_request.is_not(None)  # a rerun is planned before anything else
+    finalize = and_(
+        ~planning,
+        or_(
+            and_(batches.c.status == BatchStatus.VALIDATING, stopped),
+            and_(
+                batches.c.status.in_((BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING)),
+                stopped,
+                ~_live_shard(now),
+                ~_unfinished_chunk(),  # its chunks cancel their provider batches first
+            ),
+            and_(batches.c.status == BatchStatus.IN_PROGRESS, ~stopped, ~unfinished_shard),
+            batches.c.status == BatchStatus.FINALIZING,
         ),
-        and_(batches.c.status == BatchStatus.IN_PROGRESS, ~stopped, ~unfinished_shard),
-        batches.c.status == BatchStatus.FINALIZING,
     )
+    rerun = and_(batches.c.status.in_((BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING)), planning)
     async with db.write() as conn:
         row = (
             await conn.execute(
                 select(batches)
-                .where(_free(batches, now), or_(validate, finalize))
+                .where(_free(batches, now), or_(validate, rerun, finalize))
                 .order_by(batches.c.seq)
                 .limit(1)
             )
@@ -150,7 +157,12 @@ async def claim_batch_task(db: Database, worker: str, now: float, lease: float) 
             return None
         batch = BatchRow.from_row(row)
         validating = batch.status == BatchStatus.VALIDATING and batch.stop_reason is None
-        kind = TaskKind.VALIDATE if validating else TaskKind.FINALIZE
+        if validating:
+            kind = TaskKind.VALIDATE
+        elif batch.retry_request is not None:
+            kind = TaskKind.RERUN
+        else:
+            kind = TaskKind.FINALIZE
         epoch = batch.lease_epoch + 1
         values: dict[str, Any] = {
             "lease_owner": worker,
@@ -225,6 +237,8 @@ async def claim_shards(
         _free(shards, now),
         batches.c.status == BatchStatus.IN_PROGRESS,
         batches.c.stop_reason.is_(None),
+        # a retried batch's shards wait until the rerun is planned (they may be stale)
+        batches.c.retry_request.is_(None),
     )
     if idle_batches_only:
         running = shards.alias("running")
@@ -311,6 +325,7 @@ async def claim_shards(
                         priority=row.priority,
                         created_at=row.created_at,
                         expires_at=row.expires_at or 0,
+                        prev_key=row.prev_key,
                     )
                 )
     return claims

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select
 
 from lowtide.store.database import Database
-from lowtide.store.schema import batches, segments, upstream_chunks
+from lowtide.store.schema import batches, segments, shards, upstream_chunks
 from lowtide.vocabulary import TERMINAL
 
 
@@ -29,9 +29,9 @@ async def live_segment_keys(db: Database, batch_id: str, keys: list[str]) -> set
         )
         live = {r.blob_key for r in rows}
         chunks = upstream_chunks.c
-        for column in (chunks.result_key, chunks.source_key):
+        for column in (chunks.result_key, chunks.source_key, shards.c.prev_key):
             rows = await conn.execute(
-                select(column).where(chunks.batch_id == batch_id, column.in_(keys))
+                select(column).where(column.table.c.batch_id == batch_id, column.in_(keys))
             )
             live |= {r[0] for r in rows}
         return live

@@ -126,6 +126,9 @@ class BatchRow(Counts, _Record):
     lease_epoch: int = 0
     idempotency_key: str | None = None
     paused_reason: str | None = None
+    webhook_url: str | None = None  # extension: this batch's end is announced here too
+    retries: int = 0
+    retry_request: str | None = None  # the selection of a rerun not yet planned (JSON)
     seq: int | None = None
 
     def __post_init__(self) -> None:
@@ -151,6 +154,7 @@ class ShardRow(Counts, _Record):
     lease_epoch: int = 0
     committed: int = 0  # requests [0, committed) have results in committed segments
     chunk: int | None = None  # the upstream chunk that owns its lines (status 'upstream')
+    prev_key: str | None = None  # a rerun's previous results (runner/rerun.py)
 
 
 @dataclass(slots=True, kw_only=True)

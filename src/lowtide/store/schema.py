@@ -96,8 +96,13 @@ batches = Table(
     Column("lease_epoch", BigInteger, nullable=False, default=0),
     # Why the batch's lines wait while it runs (e.g. the upstream refuses a route); null if not.
     Column("paused_reason", Text),
+    # Reruns so far (POST /v1/batches/{id}/retry), and the lines a pending one selected (JSON).
+    Column("retries", Integer, nullable=False, default=0, server_default="0"),
+    Column("retry_request", Text),
     # The client's Idempotency-Key header: a retried create returns the batch it made first.
     Column("idempotency_key", String(255)),
+    # Extension: where this batch's end is announced too (webhooks outbox, below).
+    Column("webhook_url", Text),
     Index("ix_batches_project_seq", "project", "seq"),
     Index("ux_batches_project_idempotency_key", "project", "idempotency_key", unique=True),
     Index("ix_batches_status", "status"),
@@ -121,6 +126,8 @@ shards = Table(
     Column("committed", Integer, nullable=False, default=0),
     # The upstream chunk its lines go out in (status 'upstream'); null for lines run here.
     Column("chunk", Integer),
+    # In a rerun: per line, the earlier result to keep or a mark to run it again (rerun.py).
+    Column("prev_key", Text),
     *_count_columns(Integer),
     Index("ix_shards_status", "status", "batch_id"),
 )
@@ -192,4 +199,57 @@ usage_daily = Table(
     Column("cost", Float, nullable=False, default=0),
     Column("sync_cost", Float, nullable=False, default=0),
     Index("ix_usage_daily_day", "day"),
+)
+
+
+# The webhooks outbox. An event is written in the same transaction as the terminal status it
+# announces (store/segments.publish_batch, store/batches.finish_validation); a worker then fans
+# it out to one delivery per target (a [[webhooks]] entry, the batch's own webhook_url).
+webhook_events = Table(
+    "webhook_events",
+    metadata,
+    Column("id", String(64), primary_key=True),  # evt_...
+    Column("batch_id", String(64), nullable=False),
+    Column("project", String(128), nullable=False),
+    Column("type", String(32), nullable=False),  # batch.completed | failed | expired | cancelled
+    Column("created_at", BigInteger, nullable=False),
+    Column("fanned_out", Integer, nullable=False, default=0, server_default="0"),
+    Index("ix_webhook_events_fanned_out", "fanned_out"),
+)
+
+# One event to one URL: claimed under a fenced lease for each attempt, like a shard.
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", String(64), primary_key=True),  # the webhook-id header, on every attempt
+    Column("event_id", String(64), nullable=False),
+    Column("batch_id", String(64), nullable=False),
+    Column("url", Text, nullable=False),
+    # Whose secret signs it: a [[webhooks]] index ("0", "1", ...) or "batch" ([batch_webhooks]).
+    Column("target", String(16), nullable=False),
+    Column("status", String(16), nullable=False),  # pending | delivered | failed
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("retry_from", BigInteger, nullable=False),  # retries stop a window after this
+    Column("next_attempt_at", Float, nullable=False),
+    Column("last_status", Integer),  # the receiver's HTTP status; null: no answer
+    Column("last_error", Text),
+    Column("created_at", BigInteger, nullable=False),
+    Column("delivered_at", BigInteger),
+    Column("lease_owner", String(64)),
+    Column("lease_expires_at", Float),
+    Column("lease_epoch", BigInteger, nullable=False, default=0),
+    Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+    Index("ix_webhook_deliveries_batch", "batch_id"),
+)
+
+webhook_attempts = Table(
+    "webhook_attempts",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("delivery_id", String(64), nullable=False),
+    Column("at", Float, nullable=False),
+    Column("status_code", Integer),  # null: no HTTP answer (timeout, connection error)
+    Column("error", Text),
+    Column("duration_ms", Integer, nullable=False),
+    Index("ix_webhook_attempts_delivery", "delivery_id", "seq"),
 )

@@ -15,7 +15,8 @@ from lowtide.store.leases import ShardClaim, held
 from lowtide.store.rows import COUNT_COLUMNS, Counts, FileRow, SegmentRow, ShardRow
 from lowtide.store.schema import batches, count_sums, segments, shards, upstream_chunks
 from lowtide.store.usage import UsageDelta, add_usage, day_of
-from lowtide.vocabulary import ShardStatus
+from lowtide.store.webhooks import record_event
+from lowtide.vocabulary import TERMINAL, ShardStatus
 
 
 @dataclass(slots=True)
@@ -119,4 +120,6 @@ async def publish_batch(
         for row in file_rows:
             await insert_file(conn, row)
         await conn.execute(delete(segments).where(segments.c.batch_id == batch_id))
+        if values.get("status") in TERMINAL:  # its webhook event, in the same transaction
+            await record_event(conn, batch_id, values["status"], int(time.time()))
     return True
