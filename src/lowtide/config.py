@@ -130,6 +130,13 @@ class ModelRoute(_Strict):
         "none",
         description="near the batch's deadline, run unfinished lines as synchronous calls",
     )
+    # Structured outputs (issue 15): check each answer against the request's response_format
+    # schema; a mismatch is retried (at most min(max_retries, 2) times), then `schema_violation`.
+    validate_schema: bool = Field(
+        False,
+        description="validate each answer against the line's response_format json_schema; a "
+        "line may set body.lowtide_validate_schema to override",
+    )
 
     @field_validator("endpoints")
     @classmethod

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lowtide.admission.snapshot import RouteWatch
 from lowtide.blobs import BlobStore, open_blob_store
 from lowtide.config import Config
 from lowtide.engines.router import Router
@@ -15,6 +16,7 @@ from lowtide.runner.worker import Worker
 from lowtide.service import BatchService, FileService
 from lowtide.service.deps import Deps
 from lowtide.service.estimate import EstimateService
+from lowtide.service.models import ModelService
 from lowtide.service.usage import UsageService
 from lowtide.service.webhooks import WebhookService
 from lowtide.store.database import Database, sqlite_url
@@ -36,8 +38,12 @@ class Runtime:
     usage: UsageService = field(init=False)
     estimates: EstimateService = field(init=False)
     webhooks: WebhookService = field(init=False)
+    models: ModelService = field(init=False)
     worker: Worker | None = field(init=False, default=None)
     _worker_task: asyncio.Task[None] | None = field(init=False, default=None)
+    # The dashboard's view of this process's routes (read-only), sampled while a worker runs.
+    route_watch: RouteWatch | None = field(init=False, default=None)
+    _watch_task: asyncio.Task[None] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         # Resolved once, at start: every path below is absolute whatever the working folder.
@@ -60,12 +66,14 @@ class Runtime:
             self.wake_worker,
             self.config.currency,
             batch_webhooks=self.config.batch_webhooks,
+            finished=self.finished_lines,
         )
         self.files = FileService(deps)
         self.batches = BatchService(deps)
         self.usage = UsageService(deps)
         self.estimates = EstimateService(deps, self.router)
         self.webhooks = WebhookService(deps)
+        self.models = ModelService(self.router)
 
     async def start(self) -> None:
         for route, problem in self.router.config_problems().items():
@@ -74,6 +82,9 @@ class Runtime:
         if self.run_workers:
             self.worker = Worker(self.db, self.blobs, self.config, self.router)
             self._worker_task = asyncio.create_task(self.worker.run())
+            worker = self.worker
+            self.route_watch = RouteWatch(lambda: worker.ctx.controllers, self.config.routes())
+            self._watch_task = asyncio.create_task(self.route_watch.run())
 
     def health(self) -> dict[str, Any]:
         """What /healthz reports: the models served, and any route that cannot work now."""
@@ -82,12 +93,30 @@ class Runtime:
             problems.update(self.worker.route_problems())
         return {"status": "ok", "models": self.router.served_models(), "route_problems": problems}
 
+    def finished_lines(self, batch_id: str) -> tuple[int, int]:
+        """Lines of the batch this process's worker finished and has yet to commit."""
+        return self.worker.finished_lines(batch_id) if self.worker is not None else (0, 0)
+
+    def routes_snapshot(self) -> list[dict[str, Any]] | None:
+        """Each route of this process's worker now (None without a worker): read-only."""
+        return self.route_watch.snapshot() if self.route_watch is not None else None
+
+    def routes_history(self) -> dict[str, Any] | None:
+        """Throughput per route over the last hour, in fixed steps (None without a worker)."""
+        return self.route_watch.history() if self.route_watch is not None else None
+
+    def worker_id(self) -> str | None:
+        return self.worker.id if self.worker is not None else None
+
     def wake_worker(self) -> None:
         """New work, a delete or a cancel: look now instead of at the next poll."""
         if self.worker is not None:
             self.worker.wake()
 
     async def stop(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            await asyncio.gather(self._watch_task, return_exceptions=True)
         if self.worker is not None and self._worker_task is not None:
             await self.worker.stop(timeout=self.config.worker.cancel_grace_seconds)
             # The loop ends by itself after its current tick; cancelling it mid-query would

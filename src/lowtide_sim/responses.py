@@ -1,6 +1,8 @@
 """Response bodies and token estimates for each POST /v1 endpoint.
 
-Answers echo the input, so tests can tell which request an answer belongs to.
+Answers echo the input, so tests can tell which request an answer belongs to. A chat body
+with ``sim_content`` (a string) gets exactly that as its message content instead, every time
+(to test what a client does with, say, malformed JSON).
 """
 
 from __future__ import annotations
@@ -93,6 +95,9 @@ def _chat(body: dict[str, Any], rid: str, cfg: SimConfig, n_out: int | None) -> 
     messages = _chat_messages(body)
     user = [m for m in messages if m.get("role") == "user"] or messages
     answer, finish = _fit("echo: " + (_text(user[-1].get("content")) if user else ""), n_out)
+    content = body.get("sim_content")
+    if isinstance(content, str):  # a test sets the answer's exact content (e.g. broken JSON)
+        answer, finish = content, "stop"
     return {
         "id": f"chatcmpl-{rid}",
         "object": "chat.completion",

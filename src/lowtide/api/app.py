@@ -8,7 +8,7 @@ from fastapi import FastAPI, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lowtide.api import batches, files, organization, webhooks
+from lowtide.api import batches, files, models, organization, webhooks
 from lowtide.api.guards import FrontDoor
 from lowtide.api.openapi import install_openapi
 from lowtide.api.responses import (
@@ -18,6 +18,7 @@ from lowtide.api.responses import (
     unexpected_error_handler,
     validation_error_handler,
 )
+from lowtide.dashboard import install as install_dashboard
 from lowtide.errors import ApiError
 from lowtide.ids import new_request_id
 from lowtide.runtime import Runtime
@@ -80,7 +81,9 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(batches.router)
     app.include_router(organization.router)
     app.include_router(webhooks.router)
+    app.include_router(models.router)
     install_openapi(app)
+    install_dashboard(app)  # the web dashboard at / and /ui/ (dashboard/)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics():  # type: ignore[no-untyped-def]

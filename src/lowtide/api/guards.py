@@ -25,6 +25,9 @@ Send = Callable[[Message], Awaitable[None]]
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 UPLOAD_PATH = "/v1/files"
+# The dashboard's pages (dashboard/) check their own session cookie; their POSTs are small
+# HTML forms (bounded here like any body) rather than JSON.
+DASHBOARD_PREFIX = "/ui/"
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
@@ -58,7 +61,7 @@ class FrontDoor:
                 message = f"The request body is larger than {self.max_json_body:,} bytes."
                 envelope = error_envelope(message, "invalid_request_error", None, "body_too_large")
                 return await _answer(scope, receive, send, 413, envelope, close=True)
-            problem = _unstorable(body)
+            problem = None if scope["path"].startswith(DASHBOARD_PREFIX) else _unstorable(body)
             if problem is not None:
                 envelope = error_envelope(problem, "invalid_request_error", None, "invalid_json")
                 return await _answer(scope, receive, send, 400, envelope)

@@ -221,6 +221,29 @@ class BatchList(BaseModel):
     has_more: bool
 
 
+class ModelExtension(BaseModel):
+    endpoints: list[str] = Field(description="the batch endpoints this model serves here")
+    engine: Literal["openai", "llamacpp", "embeddings", "echo"]
+    pattern: bool = Field(description="the id is a glob that names a family of models")
+    upstream_batch: bool = Field(description="lines go through the provider's own Batch API")
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    lowtide: ModelExtension
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[Model]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
 class EstimateCost(BaseModel):
     """Money for the whole file, at the route prices; a route without prices counts 0."""
 

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lowtide.cli.common import ConfigOpt, app, err, load_or_exit, run_async, setup_logging
+from lowtide.cli.progress import EtaColumn, LinesPerSecondColumn
 from lowtide.config import Config
 from lowtide.vocabulary import BatchStatus
 
@@ -229,6 +230,8 @@ async def _follow(runtime: Runtime, batch_id: str) -> BatchView:
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        LinesPerSecondColumn(),
+        EtaColumn(),
         TimeElapsedColumn(),
     ]
     with Progress(*columns, console=err, transient=False, disable=not sys.stderr.isatty()) as bar:

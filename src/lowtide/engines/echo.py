@@ -10,6 +10,7 @@ from typing import Any
 
 from lowtide.engines.base import Engine, EngineResponse, error_response
 from lowtide.engines.completions import completion_body
+from lowtide.engines.params import unhonoured, unsupported_message
 from lowtide.ids import new_request_id
 
 
@@ -36,6 +37,10 @@ class EchoEngine(Engine):
         self._latency = latency_ms / 1000.0
 
     async def execute(self, endpoint: str, body: dict[str, Any]) -> EngineResponse:
+        refused = unhonoured("echo", endpoint, body)
+        if refused is not None:
+            message = unsupported_message(self.name, "echo", endpoint, refused)
+            return error_response(400, message, param=refused, code="unsupported_parameter")
         if self._latency:
             await asyncio.sleep(self._latency)
         model = body.get("model", self.name)

@@ -20,6 +20,7 @@ import numpy as np
 
 from lowtide.engines.base import Engine, EngineResponse, error_response
 from lowtide.engines.model_files import minilm_folder
+from lowtide.engines.params import unhonoured, unsupported_message
 from lowtide.ids import new_request_id
 
 log = logging.getLogger("lowtide.embeddings")
@@ -82,6 +83,10 @@ class EmbeddingsEngine(Engine):
             return error_response(
                 400, f"Model '{self.name}' serves /v1/embeddings only, not {endpoint}.", param="url"
             )
+        refused = unhonoured("embeddings", endpoint, body)
+        if refused is not None:
+            message = unsupported_message(self.name, "embeddings", endpoint, refused)
+            return error_response(400, message, param=refused, code="unsupported_parameter")
         texts = _texts(body)
         if isinstance(texts, str):
             return error_response(400, texts, param="input")

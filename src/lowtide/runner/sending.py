@@ -21,6 +21,7 @@ from lowtide.runner.accounting import FinishedLine, answered, unanswered
 from lowtide.runner.context import RunnerContext
 from lowtide.runner.results import error_line, response_line, usage_of
 from lowtide.runner.retry import backoff_seconds, is_retryable_status, route_refusal
+from lowtide.runner.schema_check import answer_check, split_extension, violation_line
 from lowtide.vocabulary import PRIORITIES
 
 log = logging.getLogger("lowtide.shard")
@@ -55,7 +56,7 @@ class LineSender:
         """The line's result, or None if it is left for later (never sent, halted)."""
         request = orjson.loads(raw)
         custom_id = request["custom_id"]
-        body = request["body"]
+        body, check_flag = split_extension(request["body"])  # never sent to an engine
         route = self.ctx.router.route_for(str(body.get("model")))
         if route is None:
             message = (
@@ -68,7 +69,23 @@ class LineSender:
             message = f"The engine for '{route.name}' could not be created: {exc}"
             return unanswered(error_line(line_id, custom_id, "engine_error", message))
         controller = self.ctx.admission(route)
-        response, failure = await self._attempts(route, engine, controller, body, custom_id)
+        check = answer_check(route, self.batch.endpoint, body, check_flag)
+        schema_retries = 0
+        while True:
+            response, failure = await self._attempts(route, engine, controller, body, custom_id)
+            if check is None or response is None or not 200 <= response.status_code < 300:
+                break
+            if self.halt.lost:
+                return None
+            reason = check.violation(self.batch.endpoint, response.body)
+            if reason is None:
+                break
+            if schema_retries >= check.retries or self.halt.stopping:
+                result = violation_line(line_id, custom_id, response, reason)
+                model = str(body.get("model"))
+                return answered(result, usage_of(response.body), route, model, provider_batch=False)
+            schema_retries += 1  # the answer does not match its schema: ask again
+            controller.retried()
         if self.halt.lost:
             return None
         if response is None:

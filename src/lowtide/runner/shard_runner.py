@@ -165,6 +165,17 @@ class ShardRun:
         line_id = request_line_id(self.claim.batch_id, self.claim.first_request + index)
         return await self._sender.run_line(line_id, raw)
 
+    def uncommitted(self) -> tuple[int, int]:
+        """(ok, failed) lines finished but not committed yet (a progress view, not a result)."""
+        ok = failed = 0
+        for line in self._results[self._committed :]:
+            if line is not None:
+                if line.result.ok:
+                    ok += 1
+                else:
+                    failed += 1
+        return ok, failed
+
     def _replay(self, kept: ResultLine, raw: bytes) -> FinishedLine:
         """A line that keeps its earlier result: counted with its tokens and cost, not billed
         again (the ledger has it from the run that answered it)."""

@@ -41,6 +41,8 @@ from lowtide.runner.results import (
     usage_of,
 )
 from lowtide.runner.retry import is_retryable_status
+from lowtide.runner.schema_check import EXTENSION as SCHEMA_EXTENSION
+from lowtide.runner.schema_check import split_extension
 from lowtide.runner.sending import LineSender
 from lowtide.runner.validation import iter_request_lines, stream_lines
 from lowtide.store.chunks import (
@@ -75,12 +77,16 @@ _FLUSH_BYTES = 1 << 20
 
 
 def request_for_provider(raw: bytes, route: ModelRoute) -> bytes:
-    """A request line as the provider gets it: the upstream model name swapped in, if any."""
+    """A request line as the provider gets it: the upstream model name swapped in, if any,
+    and Lowtide's own extension field removed."""
     raw = raw.strip()
-    if not route.upstream_model:
+    extension = SCHEMA_EXTENSION.encode() in raw
+    if not route.upstream_model and not extension:
         return raw
     request = orjson.loads(raw)
-    request["body"] = {**request["body"], "model": route.upstream_model}
+    request["body"] = split_extension(request["body"])[0]
+    if route.upstream_model:
+        request["body"] = {**request["body"], "model": route.upstream_model}
     return orjson.dumps(request)
 
 

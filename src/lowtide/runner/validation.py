@@ -21,6 +21,9 @@ from lowtide.vocabulary import ENDPOINTS, UTF8_BOM
 
 MAX_LINE_BYTES = 64 * 1024 * 1024
 
+# A route's check of one line's body: None, or (code, param without "body.", message).
+LineChecker = Callable[[dict[str, Any]], tuple[str, str, str] | None]
+
 
 def iter_request_lines(data: bytes) -> list[bytes]:
     """The request lines in a byte range, skipping blank ones exactly as validation does."""
@@ -63,8 +66,13 @@ class FileValidator:
         limits: BatchLimits,
         served_models: list[str] | None = None,
         upstream_of: Callable[[str], ModelRoute | None] | None = None,
+        checker_of: Callable[[str], LineChecker | None] | None = None,
     ) -> None:
         self.endpoint = endpoint
+        # What a model's route refuses in a body (parameters its engine does not honour, an
+        # invalid schema): (code, param without "body.", message), or None.
+        self._checker_of = checker_of or (lambda model: None)
+        self._checkers: dict[str, LineChecker | None] = {}
         # The route of a model whose lines go out as provider batches (None: they run here).
         # Their lines get shards of their own, and shards are cut at provider-batch limits.
         self._upstream_of = upstream_of or (lambda model: None)
@@ -319,12 +327,26 @@ class FileValidator:
                 f"{required.capitalize()} parameter is required.",
             )
             return
+        checker = self._route_checker(model)
+        problem = checker(body) if checker is not None else None
+        if problem is not None:
+            code, param, message = problem
+            self._error(code, line, f"body.{param}", message)
+            return
         if len(self.models) < 16:
             self.models.setdefault(model, None)
         if len(self.input_tokens) < 10_000 or model in self.input_tokens:
             tokens = estimate_prompt_tokens(self.endpoint, body)
             self.input_tokens[model] = self.input_tokens.get(model, 0) + tokens
         return model
+
+    def _route_checker(self, model: str) -> LineChecker | None:
+        if model in self._checkers:
+            return self._checkers[model]
+        checker = self._checker_of(model)
+        if len(self._checkers) < 10_000:
+            self._checkers[model] = checker
+        return checker
 
     def _route_endpoints(self, model: str) -> tuple[str, ...] | None:
         if model in self._endpoints_cache:

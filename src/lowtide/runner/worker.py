@@ -7,6 +7,7 @@ number of processes, can run this loop against one database.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -20,9 +21,10 @@ from lowtide.runner import budgets, sweeper
 from lowtide.runner.context import RunnerContext
 from lowtide.runner.finalize import finalize_batch
 from lowtide.runner.rerun import plan_rerun
+from lowtide.runner.schema_check import line_problem
 from lowtide.runner.shard_runner import ShardRun
 from lowtide.runner.upstream import ChunkRunner
-from lowtide.runner.validation import FileValidator, confirm_duplicates
+from lowtide.runner.validation import FileValidator, LineChecker, confirm_duplicates
 from lowtide.runner.webhooks import WebhookSender
 from lowtide.store import leases
 from lowtide.store.batches import finish_validation, stopped_among
@@ -267,6 +269,7 @@ class Worker:
             limits,
             self.router.served_models(),
             upstream_of=self._upstream_of,
+            checker_of=functools.partial(self._checker_of, batch.endpoint),
         )
         try:
             async for chunk in self.blobs.iter_chunks(source.blob_key):
@@ -329,9 +332,22 @@ class Worker:
         route = self.router.route_for(model)
         return route if route is not None and route.upstream_batch else None
 
+    def _checker_of(self, endpoint: str, model: str) -> LineChecker | None:
+        route = self.router.route_for(model)
+        return functools.partial(line_problem, route, endpoint) if route is not None else None
+
     def _endpoints_of(self, model: str) -> tuple[str, ...] | None:
         route = self.router.route_for(model)
         return route.served_endpoints() if route is not None else None
+
+    def finished_lines(self, batch_id: str) -> tuple[int, int]:
+        """(ok, failed) lines of the batch finished here and not committed yet."""
+        ok = failed = 0
+        for run in list(self._shards.values()):
+            if run.claim.batch_id == batch_id:
+                a, b = run.uncommitted()
+                ok, failed = ok + a, failed + b
+        return ok, failed
 
     def route_problems(self) -> dict[str, str]:
         """Routes this process stopped sending to because the upstream refuses them."""

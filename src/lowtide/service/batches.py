@@ -19,6 +19,7 @@ from lowtide.service.deps import UseCases, expires_after_seconds
 from lowtide.store import batches as batch_store
 from lowtide.store.chunks import chunks_of_batches
 from lowtide.store.files import get_file
+from lowtide.store.leases import running_shards
 from lowtide.store.rows import BatchRow, ChunkRow, Counts
 from lowtide.vocabulary import (
     DEFAULT_PRIORITY,
@@ -64,6 +65,18 @@ class BatchView:
             return None
         left = self.row.total - self.counts.completed - self.counts.failed
         return int(time.time() + left / rate)
+
+
+@dataclass(slots=True)
+class WorkerShards:
+    """A worker and the shards it holds: those of `project`'s batches by batch, others counted."""
+
+    worker: str
+    alive: bool  # holds at least one lease that has not expired
+    lease_expires_at: float  # its latest lease
+    shards: int
+    batches: dict[str, int] = field(default_factory=dict)  # the project's batch id -> shards
+    other_shards: int = 0  # shards of other projects' batches: counted, never named
 
 
 @dataclass(slots=True)
@@ -220,6 +233,23 @@ class BatchService(UseCases):
             return await results.published(self._db, self._blobs, row, output=output, errors=errors)
         return results.committed(self._db, self._blobs, row.id, output=output, errors=errors)
 
+    async def workers(self, project: str) -> list[WorkerShards]:
+        """Workers holding shards now, from the store (any process), grouped by worker."""
+        now = time.time()
+        by_owner: dict[str, WorkerShards] = {}
+        for s in await running_shards(self._db):
+            w = by_owner.get(s.owner)
+            if w is None:
+                w = by_owner[s.owner] = WorkerShards(s.owner, False, 0.0, 0)
+            w.shards += 1
+            w.lease_expires_at = max(w.lease_expires_at, s.lease_expires_at)
+            w.alive = w.alive or s.lease_expires_at >= now
+            if s.project == project:
+                w.batches[s.batch_id] = w.batches.get(s.batch_id, 0) + 1
+            else:
+                w.other_shards += 1
+        return sorted(by_owner.values(), key=lambda w: (not w.alive, w.worker))
+
     async def endpoint_of_file(self, project: str, file_id: str) -> str | None:
         """The `url` of the file's first request line: the endpoint a batch of it most likely wants."""
         row = await get_file(self._db, project, file_id, int(time.time()))
@@ -240,12 +270,20 @@ class BatchService(UseCases):
         return [
             BatchView(
                 r,
-                Counts.of(r) if r.status in TERMINAL else live.get(r.id, Counts()),
+                Counts.of(r) if r.status in TERMINAL else self._running(r.id, live),
                 self._currency,
                 chunks.get(r.id, []),
             )
             for r in rows
         ]
+
+    def _running(self, batch_id: str, live: dict[str, Counts]) -> Counts:
+        """Committed counts, plus the lines this process finished since its last commit."""
+        counts = live.get(batch_id) or Counts()
+        ok, failed = self._finished(batch_id)
+        counts.completed += ok
+        counts.failed += failed
+        return counts
 
     def _window_seconds(self, value: str) -> int:
         limits = self._limits

@@ -21,6 +21,9 @@ class Deps:
     wake: Callable[[], None]  # new work, a delete or a cancel: tell this process's worker now
     currency: str = "USD"
     batch_webhooks: BatchWebhooks = field(default_factory=BatchWebhooks)  # per-batch URL policy
+    # Lines of a batch this process finished but has not committed yet (ok, failed): shown in
+    # request_counts so they move line by line, not a segment at a time.
+    finished: Callable[[str], tuple[int, int]] = lambda batch_id: (0, 0)
 
 
 class UseCases:
@@ -35,6 +38,7 @@ class UseCases:
         )
         self._currency = deps.currency
         self._batch_webhooks = deps.batch_webhooks
+        self._finished = deps.finished
 
 
 def expires_after_seconds(param: str, anchor: str | None, seconds: object) -> int:

@@ -117,6 +117,17 @@ class EstimateService(UseCases):
         self._router = router
         self._rules = BatchService(deps)
 
+    def _queued(self, batches: list[tuple[str, list[str], int]]) -> dict[str, int]:
+        """Lines still to run per model, ahead of a new batch: what no commit and no line this
+        process finished covers (a batch of several models counts for each of them: which of
+        its lines are left is not known here)."""
+        queued: dict[str, int] = {}
+        for batch_id, models, left in batches:
+            left = max(left - sum(self._finished(batch_id)), 0)
+            for model in models:
+                queued[model] = queued.get(model, 0) + left
+        return queued
+
     async def estimate(self, project: str, request: BatchRequest) -> Estimate:
         """The estimate of the batch `POST /v1/batches` would create with the same body: the
         same checks and errors first; a file this project cannot see is a 404."""
@@ -151,7 +162,7 @@ class EstimateService(UseCases):
         first_day = since - since % 86400  # the ledger's days start at 00:00 UTC
         averages = await history.output_per_request(self._db, endpoint, names, first_day)
         speeds = await history.observed_speeds(self._db, names, since, MIN_HISTORY_LINES)
-        queued = await history.queued_lines(self._db)
+        queued = self._queued(await history.queued_lines(self._db))
         return Estimate(
             endpoint,
             completion_window,

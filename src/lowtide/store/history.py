@@ -68,21 +68,15 @@ async def observed_speeds(
     return speeds
 
 
-async def queued_lines(db: Database) -> dict[str, int]:
-    """Lines not yet done of every running batch, by model (a batch of several models counts
-    for each of them: which of its lines are left is not known here)."""
+async def queued_lines(db: Database) -> list[tuple[str, list[str], int]]:
+    """(batch id, its models, lines not committed yet) of every running batch."""
     done = func.coalesce(func.sum(shards.c.completed + shards.c.failed), 0)
     query = (
-        select(batches.c.model, batches.c.total, done.label("done"))
+        select(batches.c.id, batches.c.model, batches.c.total, done.label("done"))
         .select_from(batches.outerjoin(shards, shards.c.batch_id == batches.c.id))
         .where(batches.c.status == BatchStatus.IN_PROGRESS, batches.c.model.is_not(None))
         .group_by(batches.c.id, batches.c.model, batches.c.total)
     )
     async with db.read() as conn:
         rows = (await conn.execute(query)).all()
-    queued: dict[str, int] = {}
-    for r in rows:
-        left = max(int(r.total) - int(r.done), 0)
-        for model in r.model.split(","):
-            queued[model] = queued.get(model, 0) + left
-    return queued
+    return [(r.id, r.model.split(","), max(int(r.total) - int(r.done), 0)) for r in rows]

@@ -353,3 +353,40 @@ async def release_shard(db: Database, claim: ShardClaim, retry_at: float | None 
             .where(held(claim), shards.c.status == ShardStatus.RUNNING)
             .values(status=ShardStatus.PENDING, lease_owner=None, lease_expires_at=retry_at)
         )
+
+
+@dataclass(slots=True)
+class HeldShard:
+    """A running shard and the worker that holds its lease (the dashboard's workers view)."""
+
+    owner: str
+    batch_id: str
+    project: str
+    idx: int
+    lease_expires_at: float
+    committed: int
+    request_count: int
+
+
+async def running_shards(db: Database, limit: int = 10_000) -> list[HeldShard]:
+    """Every shard a worker holds now (or held, while its lease has not been taken over)."""
+    query = (
+        select(
+            shards.c.lease_owner,
+            shards.c.batch_id,
+            batches.c.project,
+            shards.c.idx,
+            shards.c.lease_expires_at,
+            shards.c.committed,
+            shards.c.request_count,
+        )
+        .select_from(shards.join(batches, batches.c.id == shards.c.batch_id))
+        .where(shards.c.status == ShardStatus.RUNNING, shards.c.lease_owner.is_not(None))
+        .limit(limit)
+    )
+    async with db.read() as conn:
+        rows = (await conn.execute(query)).all()
+    return [
+        HeldShard(r[0], r[1], r[2], r[3], float(r[4] or 0.0), int(r[5] or 0), int(r[6]))
+        for r in rows
+    ]

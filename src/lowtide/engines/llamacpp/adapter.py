@@ -10,16 +10,20 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from lowtide.config import ModelRoute
 from lowtide.engines.base import Engine, EngineResponse, error_response
 from lowtide.engines.completions import completion_body
-from lowtide.engines.llamacpp.decoder import BatchedDecoder, SamplingParams, Sequence
+from lowtide.engines.llamacpp.decoder import BatchedDecoder, Finished, Sequence, TokenLogprob
+from lowtide.engines.llamacpp.options import OptionError, read_options
 from lowtide.engines.llamacpp.tokens import PromptTokens, load_vocab
 from lowtide.engines.llamacpp.weights import prepare_weights
 from lowtide.engines.model_files import smollm2_gguf
+from lowtide.engines.params import unhonoured, unsupported_message
 from lowtide.ids import new_request_id
 
 log = logging.getLogger("lowtide.llamacpp")
@@ -38,6 +42,8 @@ class LlamaCppEngine(Engine):
         self._counting_failed = False
         self._load_error: str | None = None
         self._lock = asyncio.Lock()
+        # Parsed grammars by GBNF text: each sequence gets a clone of its own.
+        self._grammars: OrderedDict[str, Any] = OrderedDict()
 
     async def start(self) -> None:
         async with self._lock:
@@ -85,15 +91,34 @@ class LlamaCppEngine(Engine):
         decoder, tokens = self._decoder, self._tokens
         assert decoder is not None and tokens is not None
         chat = endpoint == "/v1/chat/completions"
+        name = unhonoured("llamacpp", endpoint, body)
+        if name is not None:
+            message = unsupported_message(self.name, "llamacpp", endpoint, name)
+            return error_response(400, message, param=name, code="unsupported_parameter")
         try:
             prompt_text = tokens.text(body, chat)
-            params = _sampling_params(body, chat, decoder.context_per_slot)
-            n = body.get("n") or 1
-            if not isinstance(n, int) or not 1 <= n <= 16:
-                raise ValueError("'n' must be an integer from 1 to 16.", "n")
+            options = read_options(body, chat, decoder.context_per_slot)
+        except OptionError as exc:
+            return error_response(400, exc.message, param=exc.param)
         except ValueError as exc:
             message, param = exc.args if len(exc.args) == 2 else (str(exc), None)
             return error_response(400, message, param=param)
+        params = options.sampling
+        if any(token >= decoder.n_vocab for token in params.logit_bias):
+            return error_response(
+                400,
+                f"'logit_bias' names a token id beyond this model's vocabulary ({decoder.n_vocab} tokens).",
+                param="logit_bias",
+            )
+        template = None
+        if options.grammar is not None:
+            template = self._grammar(decoder, options.grammar)
+            if template is None:
+                return error_response(
+                    400,
+                    "llama.cpp could not build a grammar for this response_format.",
+                    param="response_format",
+                )
         prompt = tokens.tokenize(prompt_text, chat)
         limit = decoder.context_per_slot
         if len(prompt) >= limit:
@@ -105,13 +130,15 @@ class LlamaCppEngine(Engine):
             )
         loop = asyncio.get_running_loop()
         futures = []
-        for i in range(n):
+        for i in range(options.n):
             seed = None if params.seed is None else params.seed + i
-            seq_params = SamplingParams(
-                params.max_tokens, params.temperature, params.top_p, seed, params.stop
-            )
-            future: asyncio.Future[tuple[str, str, int]] = loop.create_future()
-            decoder.submit(Sequence(prompt, seq_params, future, loop))
+            future: asyncio.Future[Finished] = loop.create_future()
+            grammar = None
+            if template is not None:
+                grammar = decoder.llama.llama_sampler_clone(template)
+                if not grammar:
+                    raise RuntimeError("llama.cpp could not copy a grammar")
+            decoder.submit(Sequence(prompt, replace(params, seed=seed), future, loop, grammar))
             futures.append(future)
         try:
             results = await asyncio.gather(*futures)
@@ -122,29 +149,52 @@ class LlamaCppEngine(Engine):
             200, self._response(body, chat, len(prompt), results), new_request_id()
         )
 
+    def _grammar(self, decoder: BatchedDecoder, gbnf: str) -> Any:
+        """The parsed grammar for this GBNF text (None: llama.cpp refused it), kept for reuse."""
+        template = self._grammars.get(gbnf)
+        if template is not None:
+            self._grammars.move_to_end(gbnf)
+            return template
+        llama = decoder.llama
+        template = llama.llama_sampler_init_grammar(decoder.model.vocab, gbnf.encode(), b"root")
+        if not template:
+            return None
+        self._grammars[gbnf] = template
+        while len(self._grammars) > 64:  # clones are copies: freeing a template is safe
+            llama.llama_sampler_free(self._grammars.popitem(last=False)[1])
+        return template
+
     def _response(
         self,
         body: dict[str, Any],
         chat: bool,
         prompt_tokens: int,
-        results: list[tuple[str, str, int]],
+        results: list[Finished],
     ) -> dict[str, Any]:
         model = body.get("model", self.name)
-        completion_tokens = sum(r[2] for r in results)
+        completion_tokens = sum(r.completion_tokens for r in results)
         if not chat:
+            prompt = body.get("prompt")
+            prompt = prompt[0] if isinstance(prompt, list) and len(prompt) == 1 else prompt
+            offset = len(prompt) if isinstance(prompt, str) else 0
             choices = [
-                {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-                for i, (text, reason, _) in enumerate(results)
+                {
+                    "index": i,
+                    "text": r.text,
+                    "logprobs": _legacy_logprobs(r.logprobs, offset),
+                    "finish_reason": r.finish_reason,
+                }
+                for i, r in enumerate(results)
             ]
             return completion_body(False, model, choices, prompt_tokens, completion_tokens)
         choices = [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": None,
-                "finish_reason": reason,
+                "message": {"role": "assistant", "content": r.text, "refusal": None},
+                "logprobs": _chat_logprobs(r.logprobs),
+                "finish_reason": r.finish_reason,
             }
-            for i, (text, reason, _) in enumerate(results)
+            for i, r in enumerate(results)
         ]
         out = completion_body(True, model, choices, prompt_tokens, completion_tokens)
         out["system_fingerprint"] = None
@@ -180,31 +230,49 @@ class LlamaCppEngine(Engine):
     async def close(self) -> None:
         if self._decoder is not None:
             await asyncio.to_thread(self._decoder.close)
+            for template in self._grammars.values():
+                self._decoder.llama.llama_sampler_free(template)
+            self._grammars.clear()
             self._decoder = None
         self._tokens = self._counting = None
 
 
-def _sampling_params(body: dict[str, Any], chat: bool, context: int) -> SamplingParams:
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is None:
-        max_tokens = context if chat else 16
-    if not isinstance(max_tokens, int) or max_tokens < 1:
-        raise ValueError("'max_tokens' must be a positive integer.", "max_tokens")
-    temperature = body.get("temperature", 1.0)
-    top_p = body.get("top_p", 1.0)
-    if not isinstance(temperature, int | float) or not 0 <= temperature <= 2:
-        raise ValueError("'temperature' must be a number from 0 to 2.", "temperature")
-    if not isinstance(top_p, int | float) or not 0 < top_p <= 1:
-        raise ValueError("'top_p' must be a number in (0, 1].", "top_p")
-    seed = body.get("seed")
-    if seed is not None and not isinstance(seed, int):
-        raise ValueError("'seed' must be an integer.", "seed")
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if (
-        not isinstance(stop, list)
-        or len(stop) > 4
-        or not all(isinstance(s, str) and s for s in stop)
-    ):
-        raise ValueError("'stop' must be a string or up to 4 non-empty strings.", "stop")
-    return SamplingParams(max_tokens, float(temperature), float(top_p), seed, stop)
+def _token_text(piece: bytes) -> str:
+    # A token may hold part of a UTF-8 character: shown as \\xNN, its bytes are in `bytes`.
+    return piece.decode("utf-8", errors="backslashreplace")
+
+
+def _chat_logprobs(entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    """OpenAI's chat shape: choices[i].logprobs.content[], one entry per generated token."""
+    if entries is None:
+        return None
+    content = [
+        {
+            "token": _token_text(e.piece),
+            "logprob": e.logprob,
+            "bytes": list(e.piece),
+            "top_logprobs": [
+                {"token": _token_text(piece), "logprob": lp, "bytes": list(piece)}
+                for piece, lp in e.top
+            ],
+        }
+        for e in entries
+    ]
+    return {"content": content, "refusal": None}
+
+
+def _legacy_logprobs(entries: list[TokenLogprob] | None, offset: int) -> dict[str, Any] | None:
+    """The completions (legacy) shape: parallel lists, offsets counted from the prompt's start."""
+    if entries is None:
+        return None
+    tokens, offsets, text = [], [], b""
+    for e in entries:
+        tokens.append(_token_text(e.piece))
+        offsets.append(offset + len(text.decode("utf-8", errors="ignore")))
+        text += e.piece
+    return {
+        "tokens": tokens,
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{_token_text(p): lp for p, lp in e.top} for e in entries],
+        "text_offset": offsets,
+    }

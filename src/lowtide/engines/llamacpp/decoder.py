@@ -5,6 +5,14 @@ every step it puts the next token of every running sequence, plus prompt tokens 
 ones, into one `llama_decode` call, samples each sequence's next token, and retires finished
 sequences so waiting requests can take their slots at once. The event loop only tokenizes,
 queues and awaits; the C call releases the GIL.
+
+A sequence may carry a grammar (structured outputs: a llama.cpp grammar sampler of its own).
+Its token is drawn as usual and then checked against the grammar alone (microseconds); only a
+token the grammar refuses makes the grammar judge more candidates: the best 256 by logit, then
+4,096, then the whole vocabulary (~15 ms for SmolLM2's 49,152 tokens). Greedy choice is exact
+that way; sampling is exact too (drawing again after a refusal, then from the masked
+distribution, is drawing from the masked distribution), up to the candidates left out, whose
+probability must be under 0.1% of what the grammar allows among those judged.
 """
 
 from __future__ import annotations
@@ -21,20 +29,37 @@ from typing import Any
 
 import numpy as np
 
+from lowtide.engines.llamacpp.options import SamplingParams
 from lowtide.engines.llamacpp.weights import quiet_llama
 
 log = logging.getLogger("lowtide.llamacpp")
 
 _MAX_BATCH_TOKENS = 2048
+# Under a grammar: candidates judged after a refusal (then the whole vocabulary), draws tried
+# before masking when sampling, and the share of the allowed probability that the candidates
+# left out may hold.
+_GRAMMAR_CANDIDATES = (256, 4096)
+_SAMPLE_TRIES = 4
+_TAIL_SHARE = 1e-3
+
+__all__ = ["BatchedDecoder", "Finished", "SamplingParams", "Sequence", "TokenLogprob"]
 
 
-@dataclass
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
+@dataclass(slots=True)
+class TokenLogprob:
+    """One generated token with its log probability and the most likely alternatives."""
+
+    piece: bytes
+    logprob: float
+    top: list[tuple[bytes, float]]
+
+
+@dataclass(slots=True)
+class Finished:
+    text: str
+    finish_reason: str  # "stop" | "length"
+    completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -43,8 +68,9 @@ class Sequence:
 
     prompt: list[int]
     params: SamplingParams
-    future: asyncio.Future[tuple[str, str, int]]
+    future: asyncio.Future[Finished]
     loop: asyncio.AbstractEventLoop
+    grammar: Any = None  # a llama_sampler* of this sequence's own; the decoder frees it
     rng: np.random.Generator | None = None
     slot: int = -1
     n_past: int = 0
@@ -52,14 +78,25 @@ class Sequence:
     generated: int = 0
     last: int = -1
     text: bytearray = field(default_factory=bytearray)
+    counts: dict[int, int] = field(default_factory=dict)  # generated tokens, for penalties
+    logprobs: list[TokenLogprob] | None = None
 
     def finish(self, reason: str) -> None:
         text = self.text.decode("utf-8", errors="replace")
+        cut = False
         for stop in self.params.stop:
             at = text.find(stop)
             if at >= 0:
-                text, reason = text[:at], "stop"
-        result = (text, reason, self.generated)
+                text, reason, cut = text[:at], "stop", True
+        logprobs = self.logprobs
+        if logprobs is not None and cut:  # the tokens of the text kept
+            keep, offset = len(text.encode("utf-8", errors="replace")), 0
+            for i, entry in enumerate(logprobs):
+                if offset >= keep:
+                    logprobs = logprobs[:i]
+                    break
+                offset += len(entry.piece)
+        result = Finished(text, reason, self.generated, logprobs)
         self.loop.call_soon_threadsafe(_resolve, self.future, result)
 
     def fail(self, exc: Exception) -> None:
@@ -86,7 +123,7 @@ class BatchedDecoder:
         from llama_cpp._internals import LlamaModel
 
         quiet_llama()
-        self._llama = llama_cpp
+        self._llama = self.llama = llama_cpp  # the bindings (the engine builds grammars with them)
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
         self.model = LlamaModel(path_model=str(model_path), params=model_params, verbose=False)
@@ -106,6 +143,16 @@ class BatchedDecoder:
         self.context_per_slot = context_per_slot
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.model.vocab)
         self._pieces: dict[int, bytes] = {}
+        # Candidates a grammar judges (token id, logit, p): one buffer, the decoder thread's.
+        self._candidates = (llama_cpp.llama_token_data * self.n_vocab)()
+        self._candidate_view = np.ctypeslib.as_array(self._candidates)
+        self._candidate_array = llama_cpp.llama_token_data_array(
+            data=ctypes.cast(self._candidates, llama_cpp.llama_token_data_p),
+            size=0,
+            selected=-1,
+            sorted=False,
+        )
+        self._all_tokens = np.arange(self.n_vocab, dtype=np.int32)
         self._queue: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="llamacpp-decoder", daemon=True)
         self._thread.start()
@@ -174,6 +221,7 @@ class BatchedDecoder:
             if seq is None:
                 return False
             if seq.future.done():  # the caller gave up (cancel, shutdown)
+                self._free_grammar(seq)
                 continue
             seq.slot = heapq.heappop(free)
             self._llama.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
@@ -229,14 +277,27 @@ class BatchedDecoder:
         logits = np.ctypeslib.as_array(
             self._llama.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,)
         )
-        token = _sample(logits, seq)
+        try:
+            token, logprobs = self._choose(seq, logits)
+        except Exception as exc:  # fail this sequence, keep serving the others
+            log.exception("sampling failed")
+            seq.fail(exc)
+            self._release(seq, free, active)
+            return
         if self.is_end(token):
             seq.finish("stop")
             self._release(seq, free, active)
             return
         seq.generated += 1
         seq.last = token
-        seq.text += self.piece(token)
+        piece = self.piece(token)
+        seq.text += piece
+        if seq.grammar is not None:
+            self._llama.llama_sampler_accept(seq.grammar, token)
+        if seq.params.frequency_penalty or seq.params.presence_penalty:
+            seq.counts[token] = seq.counts.get(token, 0) + 1
+        if logprobs is not None:
+            self._note_logprobs(seq, token, piece, logprobs)
         if seq.params.stop and _hit_stop(seq):
             seq.finish("stop")
         elif seq.generated >= seq.params.max_tokens or seq.n_past >= self.context_per_slot:
@@ -248,6 +309,90 @@ class BatchedDecoder:
     def _release(self, seq: Sequence, free: list[int], active: dict[int, Sequence]) -> None:
         if active.pop(seq.slot, None) is not None:
             heapq.heappush(free, seq.slot)
+        self._free_grammar(seq)
+
+    def _free_grammar(self, seq: Sequence) -> None:
+        if seq.grammar is not None:
+            self._llama.llama_sampler_free(seq.grammar)
+            seq.grammar = None
+
+    # -- choosing a token ------------------------------------------------------------------
+    def _choose(self, seq: Sequence, logits: np.ndarray) -> tuple[int, np.ndarray | None]:
+        """The next token, and the log-probabilities it was drawn from when the request asks
+        for logprobs: log-softmax of the logits after logit_bias, penalties and the grammar,
+        before temperature (so greedy's choice is always the most likely token)."""
+        params = seq.params
+        if params.adjusts_logits:
+            logits = _adjusted(logits, seq)
+        want = params.logprobs is not None
+        grammar = seq.grammar
+        if grammar is None:
+            return _sample(logits, seq), (_log_softmax(logits) if want else None)
+        if not want:
+            for _ in range(1 if params.temperature <= 0 else _SAMPLE_TRIES):
+                token = _sample(logits, seq)
+                if self._judge(grammar, np.array([token], dtype=np.int32))[0]:
+                    return token, None
+        exact_argmax = params.temperature <= 0 and not want
+        scale = 1.0 / params.temperature if params.temperature > 1 else 1.0
+        masked = self._mask(grammar, logits, exact_argmax, scale)
+        return _sample(masked, seq), (_log_softmax(masked) if want else None)
+
+    def _mask(
+        self, grammar: Any, logits: np.ndarray, argmax_only: bool, scale: float
+    ) -> np.ndarray:
+        """The logits with what the grammar refuses at -inf. Only the best candidates are
+        judged when that settles it: for a greedy choice, any allowed token among them; else,
+        when the candidates left out hold under _TAIL_SHARE of the allowed probability."""
+        total = None
+        for k in _GRAMMAR_CANDIDATES:
+            if k >= self.n_vocab:
+                break
+            top = np.argpartition(logits, -k)[-k:].astype(np.int32)
+            allowed = top[self._judge(grammar, top)]
+            if not allowed.size:
+                continue
+            if not argmax_only:
+                z = logits.astype(np.float64) * scale
+                peak = z.max()
+                if total is None:
+                    total = float(np.exp(z - peak).sum())
+                tail = total - float(np.exp(z[top] - peak).sum())
+                if tail > _TAIL_SHARE * float(np.exp(z[allowed] - peak).sum()):
+                    continue
+            masked = np.full(self.n_vocab, -np.inf, dtype=np.float32)
+            masked[allowed] = logits[allowed]
+            return masked
+        allowed = self._all_tokens[self._judge(grammar, self._all_tokens)]
+        if not allowed.size:
+            raise RuntimeError("the grammar allows no token here")
+        masked = np.full(self.n_vocab, -np.inf, dtype=np.float32)
+        masked[allowed] = logits[allowed]
+        return masked
+
+    def _judge(self, grammar: Any, tokens: np.ndarray) -> np.ndarray:
+        """Which of these tokens the grammar allows next (a boolean per token)."""
+        k = len(tokens)
+        view = self._candidate_view
+        view["id"][:k] = tokens
+        view["logit"][:k] = 0.0
+        array = self._candidate_array
+        array.size, array.selected, array.sorted = k, -1, False
+        self._llama.llama_sampler_apply(grammar, ctypes.byref(array))
+        return np.isfinite(view["logit"][:k])
+
+    def _note_logprobs(self, seq: Sequence, token: int, piece: bytes, logprobs: np.ndarray) -> None:
+        top: list[tuple[bytes, float]] = []
+        k = seq.params.logprobs or 0
+        if k:
+            best = np.argpartition(-logprobs, k)[:k] if k < len(logprobs) else np.arange(k)
+            best = best[np.argsort(-logprobs[best], kind="stable")]
+            top = [
+                (self.piece(int(t)), float(logprobs[t])) for t in best if np.isfinite(logprobs[t])
+            ]
+        if seq.logprobs is None:
+            seq.logprobs = []
+        seq.logprobs.append(TokenLogprob(piece, float(logprobs[token]), top))
 
 
 def _hit_stop(seq: Sequence) -> bool:
@@ -255,6 +400,27 @@ def _hit_stop(seq: Sequence) -> bool:
         "utf-8", errors="ignore"
     )
     return any(stop in tail for stop in seq.params.stop)
+
+
+def _adjusted(logits: np.ndarray, seq: Sequence) -> np.ndarray:
+    """The logits after logit_bias and the frequency/presence penalties (on a copy)."""
+    params = seq.params
+    out = logits.copy()
+    if params.logit_bias:
+        ids = np.fromiter(params.logit_bias, dtype=np.int64, count=len(params.logit_bias))
+        out[ids] += np.fromiter(params.logit_bias.values(), dtype=np.float32, count=len(ids))
+    if seq.counts:
+        ids = np.fromiter(seq.counts, dtype=np.int64, count=len(seq.counts))
+        counts = np.fromiter(seq.counts.values(), dtype=np.float32, count=len(ids))
+        out[ids] -= counts * params.frequency_penalty + params.presence_penalty
+    return out
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x -= x.max()
+    x -= np.log(np.exp(x).sum())
+    return x
 
 
 def _sample(logits: np.ndarray, seq: Sequence) -> int:
