@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -170,6 +170,14 @@ def _stdout() -> Console:
     """Rich output for people; piped, it is wide enough that ids are never cut."""
     out = Console()
     return out if out.is_terminal else Console(width=max(out.width, 200))
+
+
+def _show(obj: Any, as_json: bool, human: Callable[[], object]) -> None:
+    """One object: raw JSON for scripts (--json), else the human rendering."""
+    if as_json:
+        _print_json(_as_dict(obj))
+    else:
+        human()
 
 
 def _print_json(obj: Any) -> None:
@@ -345,10 +353,7 @@ def _download(client: OpenAI, file_id: str | None, path: Path) -> bool:
 
 def _finish_waiting(target: Target, batch: Batch, as_json: bool) -> None:
     """After `get --wait` / `retry --wait`: show the batch, exit with its outcome."""
-    if as_json:
-        _print_json(_as_dict(batch))
-    else:
-        _stdout().print(_batch_table(batch))
+    _show(batch, as_json, lambda: _stdout().print(_batch_table(batch)))
     if batch.status == "failed":
         _print_validation_errors(batch)
     else:
@@ -553,10 +558,7 @@ def batches_cancel(
     target = resolve(server, api_key)
     with _talking_to(target):
         batch = target.client().batches.cancel(batch_id)
-    if as_json:
-        _print_json(_as_dict(batch))
-    else:
-        _stdout().print(f"{batch.id}: {batch.status}", highlight=False)
+    _show(batch, as_json, lambda: _stdout().print(f"{batch.id}: {batch.status}", highlight=False))
 
 
 @batches_app.command("retry")
@@ -604,10 +606,7 @@ def batches_retry(
         if not as_json:
             err.print(f"{batch.id}: {batch.status}", highlight=False)
         _finish_waiting(target, _wait(target, client, batch.id, poll), as_json)
-    if as_json:
-        _print_json(_as_dict(batch))
-    else:
-        _stdout().print(f"{batch.id}: {batch.status}", highlight=False)
+    _show(batch, as_json, lambda: _stdout().print(f"{batch.id}: {batch.status}", highlight=False))
 
 
 @batches_app.command("results")
@@ -766,10 +765,7 @@ def files_get(
     target = resolve(server, api_key)
     with _talking_to(target):
         f = target.client().files.retrieve(file_id)
-    if as_json:
-        _print_json(_as_dict(f))
-    else:
-        _stdout().print(_file_table([f]))
+    _show(f, as_json, lambda: _stdout().print(_file_table([f])))
 
 
 @files_app.command("upload")
@@ -784,10 +780,7 @@ def files_upload(
     target = resolve(server, api_key)
     with _talking_to(target), open(file, "rb") as fh:
         f = target.client().files.create(file=(file.name, fh), purpose=purpose)  # type: ignore[arg-type]
-    if as_json:
-        _print_json(_as_dict(f))
-    else:
-        print(f.id, flush=True)
+    _show(f, as_json, lambda: print(f.id, flush=True))
 
 
 @files_app.command("content")
@@ -823,7 +816,8 @@ def files_delete(
     target = resolve(server, api_key)
     with _talking_to(target):
         deleted = target.client().files.delete(file_id)
-    if as_json:
-        _print_json(_as_dict(deleted))
-    else:
-        _stdout().print(f"{deleted.id}: {'deleted' if deleted.deleted else 'not deleted'}")
+    _show(
+        deleted,
+        as_json,
+        lambda: _stdout().print(f"{deleted.id}: {'deleted' if deleted.deleted else 'not deleted'}"),
+    )
