@@ -5,7 +5,8 @@ Prints aggregate completion tokens/s for N chat requests x M new tokens:
              Q4_1 file as shipped (what a user gets without Lowtide);
   ceiling  - Lowtide's continuous-batching engine driven directly, no server, no batch API;
   lowtide  - a real batch through `lowtide serve` (upload, validate, run, finalize).
-Then embeddings/s for short texts: the encoder directly, and through a Lowtide batch.
+Then embeddings/s for short texts: the encoder directly, and through a Lowtide batch
+(bench/embeddings.py sets them beside the numpy encoder and a plain ONNX export).
 
     .venv/bin/python bench/local_engines.py [--requests 64] [--tokens 64] [--texts 10000]
 """
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from processes import start_lowtide, stop  # noqa: E402
 
 from lowtide.config import ModelRoute  # noqa: E402
-from lowtide.engines.bert import BertSentenceEncoder
+from lowtide.engines.embeddings import load_encoder
 from lowtide.engines.llamacpp import LlamaCppEngine
 from lowtide.engines.model_files import minilm_folder, smollm2_gguf
 
@@ -134,7 +135,7 @@ def bench_lowtide(
 
 def bench_embeddings_direct(texts: list[str]) -> tuple[float, float]:
     started = time.perf_counter()
-    encoder = BertSentenceEncoder(minilm_folder())
+    encoder = load_encoder(minilm_folder())  # what the server runs (bench/embeddings.py compares)
     load = time.perf_counter() - started
     ids = encoder.tokenize(texts)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -183,7 +184,7 @@ def main() -> None:
         vs_naive = f"{rate / naive:.2f}x" if naive else "-"
         print(f"  {name:<52}{rate:>8.1f}{vs_naive:>10}{rate / ceiling:>11.2f}x")
     print(f"  (first batch, including F16 conversion and model load: {cold:.1f} s)")
-    print(f"\nembeddings ({args.texts} short texts, all-MiniLM-L6-v2, numpy)")
+    print(f"\nembeddings ({args.texts} short texts, all-MiniLM-L6-v2, onnxruntime)")
     print(f"  encoder directly: {direct_emb:8.0f} emb/s   (load {emb_load:.2f} s)")
     print(
         f"  lowtide batch:    {lowtide_emb:8.0f} emb/s   (one text per line, create -> completed)"

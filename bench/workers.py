@@ -7,15 +7,25 @@ request after --latency-ms; each worker process may keep --concurrency requests 
 a per-process route limit would in production. The CPU seconds column shows which process
 was busy, so you can tell whether the upstream (sim) or this machine's cores were the limit.
 
+The first row is the baseline for Lowtide's own cost: a bare aiohttp loop (bench/bare_client.py)
+sending the same requests to the same simulator with the same in-flight limit, nothing of
+Lowtide around it. "cpu ms/line" is the CPU of the sending process(es) alone per line: the bare
+loop, or the worker processes (the API's and the simulator's CPU are in their own columns), and
+"vs bare" divides it by the bare loop's. Repeats are interleaved (bare, 1, 2, 4 workers, bare,
+...) so every row sees the same machine; each cell is the median.
+
     .venv/bin/python bench/workers.py [--workers 1,2,4] [--lines 20000] [--latency-ms 100]
         [--concurrency 32] [--repeats 1] [--database-url postgresql://postgres@127.0.0.1]
+        [--no-bare]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -79,6 +89,36 @@ def run_once(args: argparse.Namespace, workers: int, input_path: Path, sim_url: 
             stop(api)
 
 
+def run_bare(args: argparse.Namespace, input_path: Path, sim_url: str) -> dict:
+    """The bare aiohttp loop in its own process; its CPU is measured inside, from input to end."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).resolve().parent / "bare_client.py"),
+            "--url",
+            f"{sim_url}/chat/completions",
+            "--requests-file",
+            str(input_path),
+            "--concurrency",
+            str(args.concurrency),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    result = json.loads(out.stdout)
+    if result["statuses"] != {"200": args.lines}:
+        raise SystemExit(f"bare loop answers: {result['statuses']}")
+    return {
+        "seconds": result["seconds"],
+        "lines_per_s": args.lines / result["seconds"],
+        "api_cpu": float("nan"),
+        "worker_cpu": result["cpu"],
+        "api_mib": float("nan"),
+        "worker_mib": float("nan"),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--workers", default="1,2,4")
@@ -87,6 +127,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=32, help="in-flight requests per worker")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--database-url", help="PostgreSQL server URL (no database name)")
+    p.add_argument("--no-bare", action="store_true", help="skip the bare aiohttp baseline row")
     args = p.parse_args()
     counts = [int(n) for n in args.workers.split(",")]
     sim = start_simulator("--latency-ms", str(args.latency_ms))
@@ -97,29 +138,55 @@ def main() -> None:
     )
     print(
         f"{'workers':>7} {'seconds':>8} {'lines/s':>8} {'speed-up':>8} {'API cpu s':>9} "
-        f"{'workers cpu s':>13} {'sim cpu s':>9} {'API MiB':>8} {'worker MiB':>10}"
+        f"{'workers cpu s':>13} {'cpu ms/line':>11} {'vs bare':>7} {'sim cpu s':>9} "
+        f"{'API MiB':>8} {'worker MiB':>10}"
     )
-    base = None
+    groups: list[int | str] = ([] if args.no_bare else ["bare"]) + counts
+    runs: dict[int | str, list[dict]] = {g: [] for g in groups}
     try:
         with tempfile.TemporaryDirectory() as tmp:
             input_path = Path(tmp) / "input.jsonl"
             write_input(input_path, args.lines, "sim-model")
-            for n in counts:
-                runs = []
-                for _ in range(args.repeats):
+            for rep in range(args.repeats):
+                for g in groups:
                     sim0 = cpu_seconds(sim.process.pid)
-                    run = run_once(args, n, input_path, sim.url)
+                    if g == "bare":
+                        run = run_bare(args, input_path, sim.url)
+                    else:
+                        run = run_once(args, int(g), input_path, sim.url)
                     run["sim_cpu"] = cpu_seconds(sim.process.pid) - sim0
-                    runs.append(run)
-                med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                    runs[g].append(run)
+                    ms = 1000 * run["worker_cpu"] / args.lines
+                    print(
+                        f"# repeat {rep + 1}: {g} {run['seconds']:.1f} s, {ms:.3f} cpu ms/line",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        base = bare_ms = None
+        for g in groups:
+            med = {k: statistics.median(r[k] for r in runs[g]) for k in runs[g][0]}
+            ms = 1000 * med["worker_cpu"] / args.lines
+            if g == "bare":
+                bare_ms = ms
+            else:
                 base = base or med["lines_per_s"]
-                print(
-                    f"{n:>7} {med['seconds']:>8.1f} {med['lines_per_s']:>8.0f} "
-                    f"{med['lines_per_s'] / base:>7.2f}x {med['api_cpu']:>9.1f} "
-                    f"{med['worker_cpu']:>13.1f} {med['sim_cpu']:>9.1f} "
-                    f"{med['api_mib']:>8.0f} {med['worker_mib']:>10.0f}",
-                    flush=True,
+            speed = f"{med['lines_per_s'] / base:>7.2f}x" if base and g != "bare" else f"{'':>8}"
+            ratio = f"{ms / bare_ms:>6.2f}x" if bare_ms else f"{'':>7}"
+            api_cpu, api_mib, worker_mib = (
+                (f"{'-':>9}", f"{'-':>8}", f"{'-':>10}")  # the bare loop has no API process
+                if g == "bare"
+                else (
+                    f"{med['api_cpu']:>9.1f}",
+                    f"{med['api_mib']:>8.0f}",
+                    f"{med['worker_mib']:>10.0f}",
                 )
+            )
+            print(
+                f"{g:>7} {med['seconds']:>8.1f} {med['lines_per_s']:>8.0f} {speed} {api_cpu} "
+                f"{med['worker_cpu']:>13.2f} {ms:>11.3f} {ratio} {med['sim_cpu']:>9.1f} "
+                f"{api_mib} {worker_mib}",
+                flush=True,
+            )
     finally:
         sim.stop()
 

@@ -421,7 +421,8 @@ def test_a_schema_checked_route_retries_then_reports_schema_violation(client, si
         line("unchecked", "sim-model", malformed),
         chat_line("no-format", "x", model="sim-checked", sim_content="not json"),
     ]
-    out, err = _results(client, _run(client, lines, timeout=60))
+    batch = _run(client, lines, timeout=60)
+    out, err = _results(client, batch)
     assert set(out) == {"ok", "opt-out", "unchecked", "no-format"}
     assert set(err) == {"malformed", "wrong", "once", "opt-in"}
     for custom_id in err:
@@ -433,3 +434,9 @@ def test_a_schema_checked_route_retries_then_reports_schema_violation(client, si
     after = sim_stats(sim)
     assert after["requests"] - before["requests"] == 4 + 3 * 3 + 2  # 1 send each; 2 retries; 1
     assert after["max_per_body"] == 3
+    # Every answer was paid for, those asked again included: usage counts them all.
+    assert batch.usage.input_tokens == after["prompt_tokens_total"] - before["prompt_tokens_total"]
+    assert (
+        batch.usage.output_tokens
+        == after["completion_tokens_total"] - before["completion_tokens_total"]
+    )

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from lowtide.vocabulary import ENDPOINTS, WEBHOOK_EVENTS
+from lowtide.vocabulary import ENDPOINTS, MESSAGES_ENDPOINT, WEBHOOK_EVENTS
 
 # ASCII digits only (\d would take "٢٤h"), no spaces, one lower-case unit: "24h", "90m", "1.5h".
 _DURATION = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,6})?)(s|m|h|d)", re.ASCII)
@@ -24,7 +24,7 @@ _HOST_NAME = re.compile(r"[a-z0-9_-]{1,63}(\.[a-z0-9_-]{1,63})*", re.ASCII)
 ENGINE_ENDPOINTS = {
     "openai": tuple(ENDPOINTS),
     "echo": tuple(ENDPOINTS),
-    "llamacpp": ("/v1/chat/completions", "/v1/completions"),
+    "llamacpp": ("/v1/chat/completions", "/v1/completions", MESSAGES_ENDPOINT),
     "embeddings": ("/v1/embeddings",),
 }
 
@@ -52,6 +52,11 @@ class ModelRoute(_Strict):
     api_key_env: str | None = None
     api_key: str | None = None
     upstream_model: str | None = Field(None, description="model name sent upstream, if different")
+    api: Literal["openai", "anthropic"] = Field(
+        "openai",
+        description="engine 'openai' only: 'anthropic' sends Messages requests through as they "
+        "are (x-api-key, anthropic-version) to a server that speaks Anthropic's Messages API",
+    )
     max_concurrency: int = Field(64, ge=1, le=100_000)
     timeout: float = Field(600.0, gt=0, description="seconds per upstream request")
     max_retries: int = Field(6, ge=0, le=100)
@@ -68,6 +73,10 @@ class ModelRoute(_Strict):
     weights: Literal["f16", "q8_0", "as-is"] = Field(
         "f16",
         description="llamacpp: convert the GGUF once (cached in the data folder) or use it as is",
+    )
+    prefix_cache: bool = Field(
+        True,
+        description="llamacpp: reuse the KV cells of a prompt prefix that other requests share",
     )
     batch_size: int = Field(64, ge=1, description="embeddings: inputs encoded together")
     # Admission (issue: throughput scheduling).
@@ -149,6 +158,8 @@ class ModelRoute(_Strict):
     def served_endpoints(self) -> tuple[str, ...]:
         if self.endpoints is not None:
             return tuple(self.endpoints)
+        if self.api == "anthropic":
+            return (MESSAGES_ENDPOINT,)
         return ENGINE_ENDPOINTS[self.engine]
 
     @field_validator("base_url")
@@ -166,6 +177,11 @@ class ModelRoute(_Strict):
                 "with a Files and Batches API)"
             )
         parse_duration(self.upstream_batch_window)
+        if self.api == "anthropic" and (self.engine != "openai" or self.upstream_batch):
+            raise ValueError(
+                f"model route {self.name!r}: api 'anthropic' needs engine 'openai' (an HTTP "
+                "upstream) and no upstream_batch"
+            )
         return self
 
     def price_factor(self, *, provider_batch: bool = False) -> float:
@@ -214,6 +230,24 @@ class BatchLimits(_Strict):
     default_file_ttl: str = "30d"
 
     @field_validator("min_completion_window", "max_completion_window", "default_file_ttl")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+
+class MessageBatchLimits(_Strict):
+    """`[message_batches]`: Anthropic's Message Batches API, with Anthropic's default limits."""
+
+    max_requests: int = Field(100_000, ge=1, description="requests in one message batch")
+    max_bytes: int = Field(
+        256 * 1000**2, ge=1024, description="bytes of one create body (its `requests`)"
+    )
+    completion_window: str = Field(
+        "24h", description="a message batch expires this long after creation"
+    )
+
+    @field_validator("completion_window")
     @classmethod
     def _duration(cls, value: str) -> str:
         parse_duration(value)
@@ -272,6 +306,16 @@ class ServerConfig(_Strict):
     max_json_body_bytes: int = Field(
         1024 * 1024, ge=1024, description="largest JSON request body (uploads have their own limit)"
     )
+    public_url: str | None = Field(
+        None,
+        description="this server's URL as clients reach it (behind a proxy); message batches' "
+        "results_url starts with it (default: the URL of the request)",
+    )
+
+    @field_validator("public_url")
+    @classmethod
+    def _no_trailing_slash(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value else value
 
 
 def _webhook_secret(value: str) -> str:
@@ -429,6 +473,7 @@ class Config(_Strict):
     projects: dict[str, ProjectLimits] = Field(default_factory=dict)
     server: ServerConfig = Field(default_factory=ServerConfig)
     batches: BatchLimits = Field(default_factory=BatchLimits)
+    message_batches: MessageBatchLimits = Field(default_factory=MessageBatchLimits)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     database_url: str | None = None
     storage_url: str | None = Field(None, description="s3://bucket/prefix; default: DATA_DIR/blobs")

@@ -18,6 +18,11 @@ def new_batch_id() -> str:
     return "batch_" + secrets.token_hex(16)
 
 
+def new_message_batch_id() -> str:
+    """A batch created through Anthropic's Message Batches API (the prefix its SDK users know)."""
+    return "msgbatch_" + "".join(secrets.choice(_BASE62) for _ in range(24))
+
+
 def request_line_id(batch_id: str, index: int) -> str:
     """Deterministic per line, so a resumed shard writes the same id it would have written."""
     digest = hashlib.blake2b(f"{batch_id}:{index}".encode(), digest_size=16).hexdigest()

@@ -13,7 +13,7 @@ from lowtide.blobs import BlobStore, open_blob_store
 from lowtide.config import Config
 from lowtide.engines.router import Router
 from lowtide.runner.worker import Worker
-from lowtide.service import BatchService, FileService
+from lowtide.service import BatchService, FileService, MessageBatchService
 from lowtide.service.deps import Deps
 from lowtide.service.estimate import EstimateService
 from lowtide.service.models import ModelService
@@ -35,6 +35,7 @@ class Runtime:
     router: Router = field(init=False)
     files: FileService = field(init=False)
     batches: BatchService = field(init=False)
+    message_batches: MessageBatchService = field(init=False)
     usage: UsageService = field(init=False)
     estimates: EstimateService = field(init=False)
     webhooks: WebhookService = field(init=False)
@@ -70,6 +71,7 @@ class Runtime:
         )
         self.files = FileService(deps)
         self.batches = BatchService(deps)
+        self.message_batches = MessageBatchService(deps, self.config.message_batches, self.files)
         self.usage = UsageService(deps)
         self.estimates = EstimateService(deps, self.router)
         self.webhooks = WebhookService(deps)

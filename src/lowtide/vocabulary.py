@@ -88,8 +88,12 @@ ENDPOINTS = {
     "/v1/completions": ("prompt", "Completions"),
     "/v1/embeddings": ("input", "Embeddings"),
     "/v1/responses": ("input", "Responses"),
+    "/v1/messages": ("messages", "Messages"),  # Anthropic's Messages API (Message Batches)
 }
 DEFAULT_ENDPOINT = "/v1/chat/completions"
+# Anthropic's Messages requests: validated per line, as Anthropic does (a bad line fails alone,
+# never the batch), and served on any chat engine through a translation.
+MESSAGES_ENDPOINT = "/v1/messages"
 
 # A JSONL file may start with a UTF-8 byte-order mark; it is skipped, never an error.
 UTF8_BOM = b"\xef\xbb\xbf"

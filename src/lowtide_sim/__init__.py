@@ -1,5 +1,9 @@
 """A simulated OpenAI-compatible upstream (stand-in for vLLM or a hosted provider).
 
+It also speaks Anthropic's Messages API (``POST /v1/messages``, see ``messages.py``) with
+Anthropic's headers, auth and error envelope, answered by the same latency, fault and
+rate-limit machinery.
+
 Tests and benchmarks need a real HTTP server that answers like OpenAI, is fast,
 deterministic, and can inject the failures a batch engine must survive (429s,
 5xx, hung requests, dropped connections). It also counts how often each exact

@@ -166,7 +166,7 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
     defaults = SimConfig()
     p = argparse.ArgumentParser(
         prog="python -m lowtide_sim",
-        description="Simulated OpenAI-compatible upstream with fault injection.",
+        description="Simulated OpenAI-compatible and Anthropic Messages upstream, with faults.",
     )
     p.add_argument("--host", default=defaults.host)
     p.add_argument("--port", type=int, default=defaults.port, help="0 picks a free port")
@@ -191,7 +191,11 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
     p.add_argument("--rate-drop", type=_rate, default=0.0, help="close the TCP connection")
     p.add_argument("--hang-seconds", type=float, default=defaults.hang_seconds)
     p.add_argument("--retry-after", default=defaults.retry_after, help="seconds, may be fractional")
-    p.add_argument("--require-key", default=None, help="demand 'Authorization: Bearer KEY'")
+    p.add_argument(
+        "--require-key",
+        default=None,
+        help="demand 'Authorization: Bearer KEY' (/v1/messages: or 'x-api-key: KEY')",
+    )
     p.add_argument("--embedding-dim", type=int, default=defaults.embedding_dim)
     p.add_argument(
         "--models", default=",".join(defaults.models), help="comma-separated ids for /v1/models"

@@ -18,16 +18,25 @@ Every /v1 POST response carries ``x-ratelimit-{limit,remaining,reset}-
 such as ``20ms``, ``1s``, ``1m30.5s``, ``6m0s``) unless
 ``--no-ratelimit-headers``. Changing rpm/tpm at runtime or POST /sim/reset
 refills every bucket.
+
+Anthropic's ``POST /v1/messages`` is limited by the same buckets (its key is
+``x-api-key``, or the bearer token) but reports them Anthropic's way:
+``anthropic-ratelimit-requests-{limit,remaining,reset}`` from ``--rpm`` and
+``anthropic-ratelimit-{tokens,input-tokens,output-tokens}-{limit,remaining,reset}``
+from ``--tpm`` (the simulator keeps one token bucket for input plus output, so
+the three token families report the same bucket); ``reset`` is the RFC 3339
+time (UTC, whole seconds, rounded up) when the bucket is full again.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from datetime import UTC, datetime
 
 from lowtide_sim.config import SimConfig
 
-__all__ = ["RateLimiter", "Refusal", "format_duration", "limits_on"]
+__all__ = ["RateLimiter", "Refusal", "format_duration", "format_rfc3339", "limits_on"]
 
 # (type, message, seconds until it would fit)
 Refusal = tuple[str, str, float]
@@ -57,6 +66,12 @@ def format_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
+def format_rfc3339(seconds_from_now: float, now: float | None = None) -> str:
+    """Anthropic's reset format: the UTC time ``seconds_from_now`` ahead, whole seconds, rounded up."""
+    at = (time.time() if now is None else now) + max(0.0, seconds_from_now)
+    return datetime.fromtimestamp(math.ceil(at - 1e-6), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 class RateLimiter:
     """Per-key request and token buckets, each holding one minute's worth, refilling continuously."""
 
@@ -79,7 +94,9 @@ class RateLimiter:
         return b
 
     @staticmethod
-    def _headers(b: list[float], cfg: SimConfig) -> dict[str, str]:
+    def _headers(b: list[float], cfg: SimConfig, anthropic: bool = False) -> dict[str, str]:
+        if anthropic:
+            return RateLimiter._anthropic_headers(b, cfg)
         headers: dict[str, str] = {}
         for name, limit, level in (("requests", cfg.rpm, b[0]), ("tokens", cfg.tpm, b[1])):
             if limit > 0:
@@ -90,12 +107,30 @@ class RateLimiter:
                 )
         return headers
 
-    def peek(self, key: str, cfg: SimConfig) -> dict[str, str]:
-        """Current x-ratelimit-* headers for ``key`` without charging anything."""
-        return self._headers(self._bucket(key, cfg, time.monotonic()), cfg)
+    @staticmethod
+    def _anthropic_headers(b: list[float], cfg: SimConfig) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        now = time.time()
+        for names, limit, level in (
+            (("requests",), cfg.rpm, b[0]),
+            (("tokens", "input-tokens", "output-tokens"), cfg.tpm, b[1]),
+        ):
+            if limit <= 0:
+                continue
+            remaining = str(max(0, math.floor(level + 1e-9)))
+            reset = format_rfc3339((limit - level) * 60.0 / limit, now)
+            for name in names:
+                headers[f"anthropic-ratelimit-{name}-limit"] = str(limit)
+                headers[f"anthropic-ratelimit-{name}-remaining"] = remaining
+                headers[f"anthropic-ratelimit-{name}-reset"] = reset
+        return headers
+
+    def peek(self, key: str, cfg: SimConfig, anthropic: bool = False) -> dict[str, str]:
+        """Current rate-limit headers for ``key`` without charging anything."""
+        return self._headers(self._bucket(key, cfg, time.monotonic()), cfg, anthropic)
 
     def admit(
-        self, key: str, tokens: int, cfg: SimConfig, model: str
+        self, key: str, tokens: int, cfg: SimConfig, model: str, anthropic: bool = False
     ) -> tuple[dict[str, str], Refusal | None]:
         """Charge one request of ``tokens``; returns (headers, None) or (headers, refusal)."""
         b = self._bucket(key, cfg, time.monotonic())
@@ -131,4 +166,4 @@ class RateLimiter:
                 b[0] -= 1.0
             if cfg.tpm > 0:
                 b[1] -= tokens
-        return self._headers(b, cfg), refusal
+        return self._headers(b, cfg, anthropic), refusal

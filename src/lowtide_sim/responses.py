@@ -2,7 +2,9 @@
 
 Answers echo the input, so tests can tell which request an answer belongs to. A chat body
 with ``sim_content`` (a string) gets exactly that as its message content instead, every time
-(to test what a client does with, say, malformed JSON).
+(to test what a client does with, say, malformed JSON). Anthropic's /v1/messages answers the
+same way (``sim_content`` included); an echo that contains one of the body's
+``stop_sequences`` is cut before it (``stop_reason`` "stop_sequence").
 """
 
 from __future__ import annotations
@@ -22,7 +24,15 @@ import orjson
 
 from lowtide_sim.config import SimConfig
 
-__all__ = ["CHAT", "COMPLETIONS", "DEFAULT_MAX_TOKENS", "EMBEDDINGS", "RESPONSES", "Endpoint"]
+__all__ = [
+    "CHAT",
+    "COMPLETIONS",
+    "DEFAULT_MAX_TOKENS",
+    "EMBEDDINGS",
+    "MESSAGES",
+    "RESPONSES",
+    "Endpoint",
+]
 
 # Completion budget when a request names none (OpenAI's legacy default).
 DEFAULT_MAX_TOKENS = 16
@@ -267,6 +277,62 @@ def _response(body: dict[str, Any], rid: str, cfg: SimConfig, n_out: int | None)
     }
 
 
+# ---------------------------------------------------------------- Anthropic messages
+
+
+def _anthropic_seen(body: dict[str, Any]) -> str:
+    """Everything the model saw: the system prompt and every message's text."""
+    parts = [_text(body.get("system"))]
+    parts += [_text(m.get("content")) for m in _chat_messages(body)]
+    return " ".join(p for p in parts if p)
+
+
+def _message_prompt(body: dict[str, Any]) -> int:
+    return _tokens(_anthropic_seen(body))
+
+
+def _cut_at_stop(answer: str, body: dict[str, Any]) -> tuple[str, str | None]:
+    """The answer up to the earliest of the body's ``stop_sequences`` it contains, and which."""
+    stops = body.get("stop_sequences")
+    if not isinstance(stops, list):
+        return answer, None
+    found = [(answer.find(s), s) for s in stops if isinstance(s, str) and s and s in answer]
+    if not found:
+        return answer, None
+    at, stop = min(found, key=lambda f: f[0])
+    return answer[:at], stop
+
+
+def _message(body: dict[str, Any], rid: str, cfg: SimConfig, n_out: int | None) -> dict[str, Any]:
+    messages = _chat_messages(body)
+    user = [m for m in messages if m.get("role") == "user"] or messages
+    answer, finish = _fit("echo: " + (_text(user[-1].get("content")) if user else ""), n_out)
+    stop_reason = "max_tokens" if finish == "length" else "end_turn"
+    answer, stop = _cut_at_stop(answer, body)
+    output_tokens = _tokens(answer) if n_out is None else n_out
+    if stop is not None:
+        stop_reason = "stop_sequence"
+        output_tokens = _tokens(answer)
+    content = body.get("sim_content")
+    if isinstance(content, str):  # a test sets the answer's exact content
+        answer, stop_reason, stop, output_tokens = content, "end_turn", None, _tokens(content)
+    return {
+        "id": f"msg_{rid}",
+        "type": "message",
+        "role": "assistant",
+        "model": body.get("model", cfg.models[0]),
+        "content": [{"type": "text", "text": answer}],
+        "stop_reason": stop_reason,
+        "stop_sequence": stop,
+        "usage": {
+            "input_tokens": _message_prompt(body),
+            "output_tokens": output_tokens,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+        },
+    }
+
+
 # ---------------------------------------------------------------- endpoints
 
 
@@ -278,6 +344,7 @@ class Endpoint:
     prompt: Callable[[dict[str, Any]], int]
     out_fields: tuple[str, ...]  # empty: no generation (embeddings)
     sequences: Callable[[dict[str, Any]], int] = lambda body: 1
+    anthropic: bool = False  # Anthropic's headers, auth and error envelope (server.py)
 
     def max_out(self, body: dict[str, Any]) -> int:
         if not self.out_fields:
@@ -295,3 +362,4 @@ COMPLETIONS = Endpoint(
 )
 EMBEDDINGS = Endpoint(_embedding, _embedding_prompt, ())
 RESPONSES = Endpoint(_response, _response_prompt, ("max_output_tokens",))
+MESSAGES = Endpoint(_message, _message_prompt, ("max_tokens",), anthropic=True)

@@ -1,4 +1,5 @@
-"""The aiohttp app: OpenAI's /v1 endpoints, answered after limits, latency and faults."""
+"""The aiohttp app: OpenAI's /v1 endpoints and Anthropic's /v1/messages, answered after limits,
+latency and faults (messages.py has what differs on Anthropic's wire)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from lowtide_sim import messages as anthropic
 from lowtide_sim.batches import add_batch_routes
 from lowtide_sim.config import SimConfig
 from lowtide_sim.control import add_control_routes
 from lowtide_sim.errors import error_body, error_response, json_response
 from lowtide_sim.faults import DROP, HANG, MISSING_MODEL, delay_ms, draw_fault, requested_status
 from lowtide_sim.limits import limits_on
-from lowtide_sim.responses import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, Endpoint
+from lowtide_sim.responses import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, RESPONSES, Endpoint
 from lowtide_sim.state import STATE, SimState
 
 __all__ = ["build_app", "serve"]
@@ -35,8 +37,10 @@ def _unauthorized(request: web.Request, cfg: SimConfig) -> bool:
     return bool(key) and request.headers.get("Authorization") != f"Bearer {key}"
 
 
-def _api_key(request: web.Request) -> str:
-    """The bearer token rate limits are kept under; "" for requests without one."""
+def _api_key(request: web.Request, endpoint: Endpoint | None = None) -> str:
+    """The key rate limits are kept under: the bearer token (on /v1/messages x-api-key first)."""
+    if endpoint is not None and endpoint.anthropic:
+        return anthropic.api_key(request)
     auth = request.headers.get("Authorization", "")
     scheme, _, token = auth.partition(" ")
     return token.strip() if scheme.lower() == "bearer" else ""
@@ -61,7 +65,7 @@ async def _handle_v1(request: web.Request, endpoint: Endpoint) -> web.StreamResp
     if limits_on(cfg) and not cfg.no_ratelimit_headers:
         headers = request.get("ratelimit")
         if headers is None:  # refused before admission (401): report without charging
-            headers = state.limiter.peek(_api_key(request), cfg)
+            headers = state.limiter.peek(_api_key(request, endpoint), cfg, endpoint.anthropic)
         response.headers.update(headers)
     return response
 
@@ -81,17 +85,31 @@ def _rate_limited(
         cost, model = 1, None
     if not isinstance(model, str):
         model = cfg.models[0]
-    headers, refusal = state.limiter.admit(_api_key(request), cost, cfg, model)
+    headers, refusal = state.limiter.admit(
+        _api_key(request, endpoint), cost, cfg, model, endpoint.anthropic
+    )
     request["ratelimit"] = headers
     if refusal is None:
         return None
     kind, message, wait = refusal
     state.stats.rate_limited += 1
+    if endpoint.anthropic:
+        return anthropic.rate_limited(kind, model, wait, cfg, request["rid"])
     retry = {
         "retry-after": str(max(1, math.ceil(wait - 1e-9))),
         "retry-after-ms": str(max(1, math.ceil(wait * 1000 - 1e-6))),
     }
     return json_response(error_body(message, kind, "rate_limit_exceeded"), 429, retry)
+
+
+def _error(
+    endpoint: Endpoint, status: int, message: str, code: str | None, cfg: SimConfig, rid: str
+) -> web.Response:
+    """An error in the endpoint's envelope: OpenAI's, or Anthropic's for /v1/messages."""
+    if not endpoint.anthropic:
+        return error_response(status, message, code, cfg)
+    headers = {"retry-after": cfg.retry_after} if status == 429 else None
+    return anthropic.error_response(status, message, rid, headers)
 
 
 async def _answer(
@@ -108,7 +126,13 @@ async def _answer(
     as "timeout" when it starts, so stats show it while the client waits).
     """
     cfg = state.config
-    if _unauthorized(request, cfg):
+    if endpoint.anthropic:
+        if anthropic.unauthorized(request, cfg):
+            return "401", anthropic.error_response(401, "invalid x-api-key", rid)
+        if anthropic.missing_version(request):
+            msg = "anthropic-version: header is required"
+            return "400", anthropic.error_response(400, msg, rid)
+    elif _unauthorized(request, cfg):
         return "401", error_response(401, "Incorrect API key provided.", "invalid_api_key", cfg)
 
     try:
@@ -127,19 +151,26 @@ async def _answer(
 
     if not isinstance(body, dict):
         msg = "We could not parse the JSON body of your request."
-        return "400", error_response(400, msg, None, cfg)
+        return "400", _error(endpoint, 400, msg, None, cfg, rid)
 
     # Deterministic faults first, so they happen every time regardless of rates.
     if body.get("model") == MISSING_MODEL:
-        msg = f"The model `{MISSING_MODEL}` does not exist or you do not have access to it."
-        return "404", error_response(404, msg, "model_not_found", cfg)
+        if endpoint.anthropic:
+            msg = f"model: {MISSING_MODEL}"
+        else:
+            msg = f"The model `{MISSING_MODEL}` does not exist or you do not have access to it."
+        return "404", _error(endpoint, 404, msg, "model_not_found", cfg, rid)
     status = requested_status(body, seen)
     if status is not None:
         msg = f"Simulated failure with status {status}."
-        return str(status), error_response(status, msg, "sim_fault", cfg)
+        return str(status), _error(endpoint, status, msg, "sim_fault", cfg, rid)
     if body.get("stream"):
         msg = "Streaming is not supported by the simulator."
-        return "400", error_response(400, msg, None, cfg)
+        return "400", _error(endpoint, 400, msg, None, cfg, rid)
+    if endpoint.anthropic:
+        problem = anthropic.validate(body)
+        if problem is not None:
+            return "400", anthropic.error_response(400, problem, rid)
 
     label: str | None = "200"
     fault = draw_fault(cfg, state.rng)
@@ -154,10 +185,16 @@ async def _answer(
         await asyncio.sleep(cfg.hang_seconds)
     elif fault == 429:
         msg = "Rate limit reached for requests (simulated)."
-        return "429", error_response(429, msg, "rate_limit_exceeded", cfg)
+        return "429", _error(endpoint, 429, msg, "rate_limit_exceeded", cfg, rid)
     elif isinstance(fault, int):
-        msg = "The server had an error while processing your request (simulated)."
-        return str(fault), error_response(fault, msg, None, cfg)
+        if endpoint.anthropic:
+            fault = anthropic.fault_status(fault)
+            msg = (
+                "Overloaded (simulated)." if fault == 529 else "Internal server error (simulated)."
+            )
+        else:
+            msg = "The server had an error while processing your request (simulated)."
+        return str(fault), _error(endpoint, fault, msg, None, cfg, rid)
 
     n_out: int | None = None
     engine = state.engine
@@ -176,7 +213,7 @@ async def _answer(
         payload = endpoint.build(body, rid, cfg, n_out)
     except (TypeError, ValueError, AttributeError, struct.error) as exc:
         msg = f"Invalid request body: {exc}"
-        return "400", error_response(400, msg, None, cfg)
+        return "400", _error(endpoint, 400, msg, None, cfg, rid)
     _count_success(state, payload)
     return label, json_response(payload)
 
@@ -191,7 +228,10 @@ def _count_success(state: SimState, payload: dict[str, Any]) -> None:
     metrics.prompt_tokens += prompt
     metrics.generation_tokens += completion
     choices = payload.get("choices")
-    finish = choices[0].get("finish_reason", "stop") if choices else "stop"
+    if choices:
+        finish = choices[0].get("finish_reason", "stop")
+    else:  # Anthropic's stop_reason, named as vLLM's finished_reason
+        finish = "length" if payload.get("stop_reason") == "max_tokens" else "stop"
     metrics.success[finish or "stop"] += 1
 
 
@@ -212,14 +252,23 @@ async def _models(request: web.Request) -> web.Response:
     return json_response({"object": "list", "data": data})
 
 
+def _anthropic_path(request: web.Request) -> bool:
+    return request.path == "/v1/messages" or request.path.startswith("/v1/messages/")
+
+
 async def _unknown_v1(request: web.Request) -> web.Response:
     msg = f"Invalid URL ({request.method} {request.path})"
+    if _anthropic_path(request):
+        request["rid"] = rid = request.get("rid") or _new_hex()
+        return anthropic.error_response(404, f"Not found: {request.method} {request.path}", rid)
     return error_response(404, msg, "unknown_url", request.app[STATE].config)
 
 
 async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
     rid = request.get("rid") or _new_hex()
     response.headers.setdefault("x-request-id", f"req_{rid}")
+    if _anthropic_path(request):
+        response.headers.setdefault("request-id", f"req_{rid}")
 
 
 def build_app(config: SimConfig | None = None) -> web.Application:
@@ -231,6 +280,7 @@ def build_app(config: SimConfig | None = None) -> web.Application:
     app.router.add_post("/v1/completions", _v1_route(COMPLETIONS))
     app.router.add_post("/v1/embeddings", _v1_route(EMBEDDINGS))
     app.router.add_post("/v1/responses", _v1_route(RESPONSES))
+    app.router.add_post("/v1/messages", _v1_route(MESSAGES))
     app.router.add_get("/v1/models", _models)
     add_batch_routes(app)  # /v1/files, /v1/batches: before the catch-all below
     app.router.add_route("*", "/v1/{tail:.*}", _unknown_v1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -80,14 +81,17 @@ class RouteController:
         self._kick = asyncio.Event()
         self._pump_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
-        # Labelled metric children, looked up once: this is on every request's path.
+        # Labelled metric children, looked up once: this is on every request's path. The two
+        # gauges are read from this controller when /metrics is scraped, not set per request.
         self._m_in_flight = metrics.route_in_flight.labels(self.name)
         self._m_window = metrics.route_window.labels(self.name)
+        me = weakref.ref(self)
+        self._m_in_flight.set_function(lambda: _read(me, "in_flight"))
+        self._m_window.set_function(lambda: _read(me, "window_limit"))
         self._m_tokens = metrics.route_tokens.labels(self.name)
         self._m_limited = metrics.route_rate_limited.labels(self.name)
         self._m_retries = metrics.route_retries.labels(self.name)
         self._m_outcomes: dict[str, object] = {}
-        self._m_window.set(self.window.limit)
         self._last_log = (time.monotonic(), 0.0, 0.0, 0.0)
 
     def count(self, outcome: str) -> None:
@@ -100,19 +104,30 @@ class RouteController:
     def retried(self) -> None:
         self._m_retries.inc()
 
+    @property
+    def window_limit(self) -> int:
+        return self.window.limit
+
     # -- asking for a permit -------------------------------------------------------------
-    async def acquire(self, batch: str, weight: float, cost: int) -> Permit:
+    def try_acquire(self, batch: str, weight: float, cost: int) -> Permit | None:
+        """A permit now, when the route has room and nobody waits; else None (then `acquire`)."""
         self._ensure_watch()
+        if self._waiting or self._blocked_for(cost) != 0.0:
+            return None
         permit = Permit(batch, cost)
-        if not self._waiting and self._blocked_for(cost) == 0.0:
-            self._grant(permit, self._queue(batch, weight))
+        self._grant(permit, self._queue(batch, weight))
+        return permit
+
+    async def acquire(self, batch: str, weight: float, cost: int) -> Permit:
+        permit = self.try_acquire(batch, weight, cost)
+        if permit is not None:
             return permit
+        permit = Permit(batch, cost)
         future: asyncio.Future[Permit] = asyncio.get_running_loop().create_future()
         queue = self._queue(batch, weight)
         queue.waiters.append(_Waiter(permit, future))
         self._waiting += 1
-        self._ensure_pump()
-        self._kick.set()
+        self._serve_waiters()
         try:
             return await future
         except asyncio.CancelledError:
@@ -134,6 +149,13 @@ class RouteController:
         """0 if a request of `cost` may go now; else seconds to wait (inf: until a release)."""
         if self.in_flight >= self.window.limit:
             return float("inf")
+        if (
+            self.problem is None
+            and self.rpm is None
+            and self.tpm is None
+            and self.paused_until == 0.0  # never paused (a pause sets it for good)
+        ):
+            return 0.0  # nothing but the window limits this route
         now = time.monotonic()
         if self.problem is not None:  # only a probe, one at a time, once an interval
             if self.in_flight:
@@ -158,7 +180,6 @@ class RouteController:
         self.in_flight += 1
         self.in_flight_cost += permit.cost
         permit.started = now
-        self._m_in_flight.set(self.in_flight)
 
     def _ensure_watch(self) -> None:
         if self.route.metrics_url and self._watch_task is None:
@@ -177,10 +198,19 @@ class RouteController:
                         text = await resp.text()
                     if _gauge_sum(text, "vllm:num_requests_waiting") > 0:
                         self.window.on_overload(0.7)
-                        self._m_window.set(self.window.limit)
                 except (aiohttp.ClientError, TimeoutError, ValueError):
                     pass
                 await asyncio.sleep(0.5)
+
+    def _serve_waiters(self) -> None:
+        """Grant what may go now, fairest batch first, here rather than in the pump task. The
+        pump is woken only for what must wait for a time (a pause, a budget, a probe) or, once
+        nobody waits, to tidy up; a full window needs neither: the next release comes here."""
+        delay = self._grant_ready()
+        if self._waiting and delay == float("inf"):
+            return
+        self._ensure_pump()
+        self._kick.set()
 
     def _ensure_pump(self) -> None:
         if self._pump_task is None or self._pump_task.done():
@@ -203,8 +233,12 @@ class RouteController:
                 del self._queues[batch]  # forget idle batches that have no credit left
 
     def _grant_ready(self) -> float:
+        queues = self._queues
         while self._waiting:
-            queue = min((q for q in self._queues.values() if q.waiters), key=lambda q: q.vtime)
+            if len(queues) == 1:  # one batch on the route: it is the one that waits
+                queue = next(iter(queues.values()))
+            else:
+                queue = min((q for q in queues.values() if q.waiters), key=lambda q: q.vtime)
             waiter = queue.waiters[0]
             if waiter.future.done():  # cancelled while waiting
                 queue.waiters.popleft()
@@ -240,7 +274,8 @@ class RouteController:
         if self.problem is not None:
             log.info("route %s works again: resuming", self.name)
             self.problem = None
-            self._kick.set()
+            if self._waiting:
+                self._serve_waiters()
 
     # -- what happened -------------------------------------------------------------------
     def release(
@@ -256,7 +291,6 @@ class RouteController:
         now = time.monotonic()
         self.in_flight -= 1
         self.in_flight_cost -= permit.cost
-        self._m_in_flight.set(self.in_flight)
         if status == 0 or status in ROUTE_DOWN_STATUSES:  # nothing learned about load
             pass
         elif status == 429:
@@ -280,9 +314,13 @@ class RouteController:
             # Last: what the upstream says is left bounds whatever our own accounting believes
             # (an upstream that charges max_tokens up front never refunds the difference).
             self._learn(headers)
-        self._m_window.set(self.window.limit)
         if self._waiting:
-            self._kick.set()
+            if status in ROUTE_DOWN_STATUSES:
+                # The caller may stop the route next (block): let the pump decide, after it.
+                self._ensure_pump()
+                self._kick.set()
+            else:
+                self._serve_waiters()  # the freed slot goes to the next waiter now
 
     def _learn(self, headers: Mapping[str, str]) -> None:
         info = parse_rate_limit_headers(headers)
@@ -326,6 +364,12 @@ class RouteController:
             + (f" rpm={self.rpm.per_minute:g}" if self.rpm else "")
             + (f" tpm={self.tpm.per_minute:g}" if self.tpm else "")
         )
+
+
+def _read(ref: weakref.ref[RouteController], name: str) -> float:
+    """A gauge's value from its controller at scrape time (0 once the controller is gone)."""
+    controller = ref()
+    return float(getattr(controller, name)) if controller is not None else 0.0
 
 
 def _gauge_sum(text: str, name: str) -> float:

@@ -8,27 +8,36 @@ CHARS_PER_TOKEN = 4.0
 DEFAULT_COMPLETION = {"/v1/completions": 16, "/v1/embeddings": 0}
 
 
+_TEXT_KEYS = ("content", "text", "input", "prompt", "messages")
+
+
 def _chars(value: Any) -> int:
+    """Characters of text in a prompt: strings, in lists, under a dict's text-bearing keys."""
     if isinstance(value, str):
         return len(value)
     if isinstance(value, list):
-        return sum(_chars(v) for v in value)
+        total = 0
+        for item in value:  # on every line's path: no generator, strings counted in place
+            total += len(item) if type(item) is str else _chars(item)
+        return total
     if isinstance(value, dict):
-        return sum(
-            _chars(v)
-            for k, v in value.items()
-            if k in ("content", "text", "input", "prompt", "messages")
-        )
+        total = 0
+        for key in _TEXT_KEYS:
+            item = value.get(key)
+            if item is not None:
+                total += len(item) if type(item) is str else _chars(item)
+        return total
     return 0
 
 
 def estimate_prompt_tokens(endpoint: str, body: dict[str, Any]) -> int:
     """The prompt's tokens, about: ~4 characters a token, plus a few for the message framing."""
-    source = (
-        body.get("messages")
-        if endpoint == "/v1/chat/completions"
-        else body.get("input", body.get("prompt"))
-    )
+    if endpoint == "/v1/chat/completions":
+        source = body.get("messages")
+    elif endpoint == "/v1/messages":  # Anthropic's: the system prompt is a field of its own
+        source = [body.get("system"), body.get("messages")]
+    else:
+        source = body.get("input", body.get("prompt"))
     return int(_chars(source) / CHARS_PER_TOKEN) + 4
 
 

@@ -1,10 +1,15 @@
-"""What upstreams say about their limits: x-ratelimit-* (OpenAI's names) and Retry-After."""
+"""What upstreams say about their limits: x-ratelimit-* (OpenAI's names) or anthropic-ratelimit-*.
+
+Retry-After (and retry-after-ms) is read where the answer is: engines/openai_http.py.
+"""
 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -21,6 +26,17 @@ def parse_reset(value: str) -> float | None:
     if not parts or "".join(n + u for n, u in parts) != value:
         return None
     return sum(float(n) * _SECONDS[u] for n, u in parts)
+
+
+def parse_reset_time(value: str, now: float | None = None) -> float | None:
+    """An RFC 3339 time (Anthropic's ``2025-08-21T12:40:59Z``) -> seconds from now, at least 0."""
+    try:
+        when = datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 @dataclass(slots=True)
@@ -52,14 +68,33 @@ def _number(headers: Mapping[str, str], name: str) -> float | None:
         return None
 
 
+def _reset(headers: Mapping[str, str], openai: str, anthropic: str) -> float | None:
+    value = headers.get(openai)
+    if value:
+        return parse_reset(value)
+    value = headers.get(anthropic)
+    return parse_reset_time(value) if value else None
+
+
+def _either(headers: Mapping[str, str], openai: str, anthropic: str) -> float | None:
+    value = _number(headers, openai)
+    return _number(headers, anthropic) if value is None else value
+
+
 def parse_rate_limit_headers(headers: Mapping[str, str]) -> RateLimitInfo:
-    reset_r = headers.get("x-ratelimit-reset-requests")
-    reset_t = headers.get("x-ratelimit-reset-tokens")
+    """OpenAI's x-ratelimit-*; where one is absent, Anthropic's anthropic-ratelimit-* instead.
+
+    Anthropic's ``requests-*`` and ``tokens-*`` (its most restrictive token limit in effect)
+    fill the same fields; its ``input-tokens-*`` / ``output-tokens-*`` are not used.
+    """
+    a = "anthropic-ratelimit-"
     return RateLimitInfo(
-        limit_requests=_number(headers, "x-ratelimit-limit-requests"),
-        limit_tokens=_number(headers, "x-ratelimit-limit-tokens"),
-        remaining_requests=_number(headers, "x-ratelimit-remaining-requests"),
-        remaining_tokens=_number(headers, "x-ratelimit-remaining-tokens"),
-        reset_requests=parse_reset(reset_r) if reset_r else None,
-        reset_tokens=parse_reset(reset_t) if reset_t else None,
+        limit_requests=_either(headers, "x-ratelimit-limit-requests", a + "requests-limit"),
+        limit_tokens=_either(headers, "x-ratelimit-limit-tokens", a + "tokens-limit"),
+        remaining_requests=_either(
+            headers, "x-ratelimit-remaining-requests", a + "requests-remaining"
+        ),
+        remaining_tokens=_either(headers, "x-ratelimit-remaining-tokens", a + "tokens-remaining"),
+        reset_requests=_reset(headers, "x-ratelimit-reset-requests", a + "requests-reset"),
+        reset_tokens=_reset(headers, "x-ratelimit-reset-tokens", a + "tokens-reset"),
     )

@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lowtide.api import batches, files, models, organization, webhooks
+from lowtide.api.anthropic import install as install_anthropic
 from lowtide.api.guards import FrontDoor
 from lowtide.api.openapi import install_openapi
 from lowtide.api.responses import (
@@ -25,7 +26,7 @@ from lowtide.runtime import Runtime
 
 
 class RequestIdMiddleware:
-    """Every response carries x-request-id (the OpenAI SDK reads it into errors)."""
+    """Every response carries its request id (both SDKs read it into errors)."""
 
     def __init__(self, app) -> None:  # type: ignore[no-untyped-def]
         self.app = app
@@ -33,12 +34,19 @@ class RequestIdMiddleware:
     async def __call__(self, scope, receive, send):  # type: ignore[no-untyped-def]
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        request_id = new_request_id().encode()
+        request_id = new_request_id()
+        scope.setdefault("state", {})["request_id"] = request_id  # for error bodies that carry it
+        raw_id = request_id.encode()
 
         async def send_with_id(message):  # type: ignore[no-untyped-def]
             if message["type"] == "http.response.start":
                 message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id)]
+                # x-request-id for the OpenAI SDK, request-id for Anthropic's.
+                message["headers"] = [
+                    *message["headers"],
+                    (b"x-request-id", raw_id),
+                    (b"request-id", raw_id),
+                ]
             await send(message)
 
         return await self.app(scope, receive, send_with_id)
@@ -82,6 +90,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(organization.router)
     app.include_router(webhooks.router)
     app.include_router(models.router)
+    install_anthropic(app, runtime)  # Anthropic's Message Batches API at /v1/messages
     install_openapi(app)
     install_dashboard(app)  # the web dashboard at / and /ui/ (dashboard/)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from lowtide.api.anthropic.errors import error_body, is_anthropic_path
 from lowtide.api.auth import bearer_token, project_for
 from lowtide.api.responses import json_response
 from lowtide.errors import ApiError, error_envelope
@@ -25,6 +26,10 @@ Send = Callable[[Message], Awaitable[None]]
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 UPLOAD_PATH = "/v1/files"
+# Anthropic's create takes its requests inline, up to 256 MB: the face parses it as a stream
+# and bounds it by [message_batches] max_bytes.
+MESSAGE_BATCHES_PATH = "/v1/messages/batches"
+STREAMED_PATHS = frozenset({UPLOAD_PATH, MESSAGE_BATCHES_PATH})
 # The dashboard's pages (dashboard/) check their own session cookie; their POSTs are small
 # HTML forms (bounded here like any body) rather than JSON.
 DASHBOARD_PREFIX = "/ui/"
@@ -44,26 +49,44 @@ class FrontDoor:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if scope["path"].startswith("/v1/") or scope["path"] == "/v1":
-            authorization = headers.get(b"authorization", b"")
+        path = scope["path"]
+        anthropic = is_anthropic_path(path)
+        if path.startswith("/v1/") or path == "/v1":
+            # Anthropic's SDK sends its key as x-api-key (or a bearer token); OpenAI's as bearer.
+            api_key = headers.get(b"x-api-key") if anthropic else None
+            authorization = b"Bearer " + api_key if api_key else headers.get(b"authorization", b"")
             try:
                 project = project_for(self.api_keys, authorization)
             except ApiError as exc:
-                return await _answer(scope, receive, send, exc.status, exc.envelope(), close=True)
+                message = exc.message
+                if anthropic:
+                    message = message.replace(
+                        "the Authorization header as 'Bearer YOUR_KEY'", "the x-api-key header"
+                    )
+                body = error_body(exc.status, message) if anthropic else exc.envelope()
+                return await _answer(scope, receive, send, exc.status, body, close=True)
             state = scope.setdefault("state", {})
             state["project"] = project
             state["admin"] = (
                 bool(self.admin_keys) and bearer_token(authorization) in self.admin_keys
             )
-        if scope["method"] in _BODY_METHODS and scope["path"] != UPLOAD_PATH:
+        if scope["method"] in _BODY_METHODS and path not in STREAMED_PATHS:
             body = await self._bounded_body(headers.get(b"content-length"), receive)
             if body is None:
                 message = f"The request body is larger than {self.max_json_body:,} bytes."
-                envelope = error_envelope(message, "invalid_request_error", None, "body_too_large")
+                envelope = (
+                    error_body(413, message)
+                    if anthropic
+                    else error_envelope(message, "invalid_request_error", None, "body_too_large")
+                )
                 return await _answer(scope, receive, send, 413, envelope, close=True)
-            problem = None if scope["path"].startswith(DASHBOARD_PREFIX) else _unstorable(body)
+            problem = None if path.startswith(DASHBOARD_PREFIX) else _unstorable(body)
             if problem is not None:
-                envelope = error_envelope(problem, "invalid_request_error", None, "invalid_json")
+                envelope = (
+                    error_body(400, problem)
+                    if anthropic
+                    else error_envelope(problem, "invalid_request_error", None, "invalid_json")
+                )
                 return await _answer(scope, receive, send, 400, envelope)
             receive = _replay(body, receive)
         return await self.app(scope, receive, send)

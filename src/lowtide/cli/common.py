@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from pathlib import Path
 from typing import Annotated
@@ -45,3 +46,15 @@ def run_async(coro):  # type: ignore[no-untyped-def]
         return asyncio.run(coro)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(coro)
+
+
+def settle_heap() -> None:
+    """Once a long-running process (serve, worker) has started: keep the cyclic garbage
+    collector off what it has loaded for good. Everything alive now (modules, the
+    configuration, the store's and the router's objects) moves out of the collected
+    generations, and the youngest generation is collected every 20,000 new objects instead of
+    700. Collections then look at what lines allocate, not at the whole heap: before this, they
+    were about a fifth of a worker's CPU against a fast upstream."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)

@@ -10,7 +10,16 @@ from typing import Annotated
 
 import typer
 
-from lowtide.cli.common import ConfigOpt, app, db_app, err, load_or_exit, run_async, setup_logging
+from lowtide.cli.common import (
+    ConfigOpt,
+    app,
+    db_app,
+    err,
+    load_or_exit,
+    run_async,
+    settle_heap,
+    setup_logging,
+)
 from lowtide.config import Config
 
 
@@ -61,8 +70,10 @@ def serve(
             "[yellow]note:[/yellow] no API keys configured: any key is accepted (project 'default')."
         )
     runtime = Runtime(cfg, data_dir, run_workers=workers)
+    http_app = create_app(runtime)
+    settle_heap()
     serve_http(
-        create_app(runtime),
+        http_app,
         host,
         port,
         cfg.server,
@@ -92,6 +103,7 @@ async def _run_worker(cfg: Config, data_dir: Path) -> None:
 
     runtime = Runtime(cfg, data_dir)
     await runtime.start()
+    settle_heap()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

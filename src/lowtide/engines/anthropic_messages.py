@@ -10,6 +10,11 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from lowtide.engines.base import Engine, EngineResponse, error_response
+from lowtide.vocabulary import MESSAGES_ENDPOINT
+
+CHAT_ENDPOINT = "/v1/chat/completions"
+
 # Messages params the translation carries over; anything else is refused by name.
 _CARRIED = {
     "model",
@@ -119,3 +124,45 @@ def from_chat(body: dict[str, Any], model: str, stops: list[str] | None = None) 
             "cache_read_input_tokens": int(cached),
         },
     }
+
+
+class MessagesOverChat(Engine):
+    """An engine that speaks Chat Completions, serving Messages lines too: each is translated
+    to a chat request and its answer back; a request with no translation fails alone (400)."""
+
+    def __init__(self, inner: Engine) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.max_concurrency = inner.max_concurrency
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def execute(self, endpoint: str, body: dict[str, Any]) -> EngineResponse:
+        if endpoint != MESSAGES_ENDPOINT:
+            return await self.inner.execute(endpoint, body)
+        try:
+            chat = to_chat(body)
+        except Untranslatable as exc:
+            return error_response(400, str(exc), type="invalid_request_error")
+        response = await self.inner.execute(CHAT_ENDPOINT, chat)
+        if not 200 <= response.status_code < 300 or not isinstance(response.body, dict):
+            return response
+        response.body = from_chat(response.body, str(body.get("model")), chat.get("stop"))
+        return response
+
+    def count_input_tokens(self, endpoint: str, bodies: list[dict[str, Any]]) -> list[int] | None:
+        if endpoint != MESSAGES_ENDPOINT:
+            return self.inner.count_input_tokens(endpoint, bodies)
+        try:
+            chats = [to_chat(body) for body in bodies]
+        except Untranslatable:
+            return None
+        return self.inner.count_input_tokens(CHAT_ENDPOINT, chats)
+
+    def default_max_output_tokens(self, endpoint: str) -> int | None:
+        inner = CHAT_ENDPOINT if endpoint == MESSAGES_ENDPOINT else endpoint
+        return self.inner.default_max_output_tokens(inner)
+
+    async def close(self) -> None:
+        await self.inner.close()

@@ -1,8 +1,12 @@
 """Local sentence embeddings, batched across requests.
 
 Inputs from every request waiting at a moment are pooled, sorted by length (so little padding
-is computed) and encoded in batches on a worker thread; BLAS releases the GIL, so the event loop
-keeps serving while the model runs.
+is computed) and encoded in batches on a worker thread; the encoder releases the GIL, so the
+event loop keeps serving while the model runs.
+
+The encoder is MiniLM on ONNX Runtime (`bert_onnx.py`: the graph built once from the
+safetensors weights, with ONNX Runtime's fused transformer kernels); without onnxruntime
+installed it falls back to the numpy encoder (`bert.py`), which gives the same vectors slower.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,12 +45,18 @@ class _Pending:
 
 class EmbeddingsEngine(Engine):
     def __init__(
-        self, name: str, max_concurrency: int, model_path: str | None, batch_size: int = 64
+        self,
+        name: str,
+        max_concurrency: int,
+        model_path: str | None,
+        batch_size: int = 64,
+        cache_dir: Path | None = None,
     ) -> None:
         self.name = name
         self.max_concurrency = max_concurrency
         self._model_path = model_path
         self._batch_size = batch_size
+        self._cache_dir = cache_dir  # where the built ONNX graph is kept; None: built in memory
         self._encoder: Any = None
         self._counting: Any = None  # the tokenizer alone, for estimates
         self._counting_lock = threading.Lock()
@@ -59,17 +70,16 @@ class EmbeddingsEngine(Engine):
         async with self._load_lock:
             if self._encoder is not None or self._load_error is not None:
                 return
-            from lowtide.engines.bert import BertSentenceEncoder
-
             try:
                 folder = self._folder()
                 started = time.monotonic()
-                self._encoder = await asyncio.to_thread(BertSentenceEncoder, folder)
+                self._encoder = await asyncio.to_thread(load_encoder, folder, self._cache_dir)
                 log.info(
-                    "loaded embeddings model %s from %s in %.2fs",
+                    "loaded embeddings model %s from %s in %.2fs (%s)",
                     self.name,
                     folder,
                     time.monotonic() - started,
+                    type(self._encoder).__name__,
                 )
             except Exception as exc:  # a broken model fails its lines, not the server
                 self._load_error = f"The embeddings model '{self.name}' could not be loaded: {exc}"
@@ -199,6 +209,27 @@ class EmbeddingsEngine(Engine):
     async def close(self) -> None:
         if self._runner is not None:
             self._runner.cancel()
+
+
+def load_encoder(folder: Path, cache_dir: Path | None = None) -> Any:
+    """The ONNX Runtime encoder; the numpy one where onnxruntime is not installed, or where
+    LOWTIDE_EMBEDDINGS_ENCODER=numpy asks for it (benchmarks compare the two)."""
+    choice = os.environ.get("LOWTIDE_EMBEDDINGS_ENCODER", "onnx")
+    if choice not in ("onnx", "numpy"):
+        raise ValueError(f"LOWTIDE_EMBEDDINGS_ENCODER must be 'onnx' or 'numpy', not {choice!r}")
+    if choice == "onnx":
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError as exc:
+            log.warning("%s: encoding with the numpy encoder instead (several times slower)", exc)
+        else:
+            from lowtide.engines.bert_onnx import OnnxSentenceEncoder
+
+            return OnnxSentenceEncoder(folder, cache_dir)
+    from lowtide.engines.bert import BertSentenceEncoder
+
+    return BertSentenceEncoder(folder)
 
 
 def _texts(body: dict[str, Any]) -> list[str] | str:

@@ -8,6 +8,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from lowtide.config import ModelRoute
 from lowtide.engines.base import Engine, EngineResponse, TransientEngineError, error_response
@@ -35,6 +36,10 @@ def parse_retry_after(headers: Any) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+ANTHROPIC_VERSION = "2023-06-01"  # the Messages API version a route with api = "anthropic" asks for
+_LIMIT_HEADERS = ("x-ratelimit-", "anthropic-ratelimit-")
+
+
 class OpenAIHttpEngine(Engine):
     def __init__(self, route: ModelRoute) -> None:
         if not route.base_url:
@@ -45,23 +50,33 @@ class OpenAIHttpEngine(Engine):
         self._session: aiohttp.ClientSession | None = None
         self._headers = {"Content-Type": "application/json", **route.headers}
         key = route.resolved_api_key()
-        if key:
+        if route.api == "anthropic":  # Messages requests pass through as they are
+            self._headers = {"anthropic-version": ANTHROPIC_VERSION, **self._headers}
+            if key:
+                self._headers["x-api-key"] = key
+        elif key:
             self._headers["Authorization"] = f"Bearer {key}"
+        self._urls: dict[str, URL] = {}  # endpoint -> its URL, parsed once
 
     async def start(self) -> None:
         if self._session is None:
             connector = aiohttp.TCPConnector(
                 limit=self.max_concurrency, limit_per_host=0, keepalive_timeout=30
             )
+            # The headers are the session's: sent with every request, merged once, not per call.
             self._session = aiohttp.ClientSession(
                 connector=connector,
+                headers=self._headers,
                 timeout=aiohttp.ClientTimeout(total=self._route.timeout),
                 json_serialize=lambda obj: orjson.dumps(obj).decode(),
             )
 
-    def _url(self, endpoint: str) -> str:
-        path = endpoint[3:] if endpoint.startswith("/v1/") else endpoint
-        return f"{self._route.base_url}{path}"
+    def _url(self, endpoint: str) -> URL:
+        url = self._urls.get(endpoint)
+        if url is None:
+            path = endpoint[3:] if endpoint.startswith("/v1/") else endpoint
+            url = self._urls[endpoint] = URL(f"{self._route.base_url}{path}")
+        return url
 
     async def execute(self, endpoint: str, body: dict[str, Any]) -> EngineResponse:
         if self._session is None:
@@ -72,9 +87,7 @@ class OpenAIHttpEngine(Engine):
         if self._route.batch_priority is not None:
             body = {**body, "priority": self._route.batch_priority}
         try:
-            async with self._session.post(
-                self._url(endpoint), data=orjson.dumps(body), headers=self._headers
-            ) as resp:
+            async with self._session.post(self._url(endpoint), data=orjson.dumps(body)) as resp:
                 raw = await resp.read()
                 status = resp.status
                 headers = resp.headers
@@ -103,7 +116,7 @@ class OpenAIHttpEngine(Engine):
             request_id=headers.get("x-request-id") or headers.get("request-id"),
             retry_after=parse_retry_after(headers),
             headers={
-                k.lower(): v for k, v in headers.items() if k.lower().startswith("x-ratelimit-")
+                k.lower(): v for k, v in headers.items() if k.lower().startswith(_LIMIT_HEADERS)
             },
         )
 

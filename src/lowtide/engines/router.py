@@ -11,6 +11,17 @@ from lowtide.engines.base import Engine
 
 
 def build_engine(route: ModelRoute, cache_dir: Path) -> Engine:
+    """The route's engine; one that speaks Chat Completions serves Messages lines through a
+    translation, unless the route passes them through to an Anthropic-speaking upstream."""
+    engine = _engine(route, cache_dir)
+    if route.api == "anthropic" or route.engine == "embeddings":
+        return engine
+    from lowtide.engines.anthropic_messages import MessagesOverChat
+
+    return MessagesOverChat(engine)
+
+
+def _engine(route: ModelRoute, cache_dir: Path) -> Engine:
     if route.engine == "echo":
         from lowtide.engines.echo import EchoEngine
 
@@ -19,7 +30,11 @@ def build_engine(route: ModelRoute, cache_dir: Path) -> Engine:
         from lowtide.engines.embeddings import EmbeddingsEngine
 
         return EmbeddingsEngine(
-            route.name, route.max_concurrency, route.model_path, route.batch_size
+            route.name,
+            route.max_concurrency,
+            route.model_path,
+            route.batch_size,
+            cache_dir=cache_dir,
         )
     if route.engine == "llamacpp":
         from lowtide.engines.llamacpp import LlamaCppEngine

@@ -20,18 +20,27 @@ def usage_of(body: Any) -> Usage:
     usage = body.get("usage") if isinstance(body, dict) else None
     if not isinstance(usage, dict):
         return Usage()
-    inp = usage.get("input_tokens", usage.get("prompt_tokens")) or 0
-    out = usage.get("output_tokens", usage.get("completion_tokens")) or 0
-    in_details = usage.get("input_tokens_details") or usage.get("prompt_tokens_details") or {}
-    out_details = usage.get("output_tokens_details") or usage.get("completion_tokens_details") or {}
+    # On every answer's path: one lookup per field where the answer has it.
+    get = usage.get
+    inp = get("input_tokens", _MISSING)
+    if inp is _MISSING:
+        inp = get("prompt_tokens")
+    out = get("output_tokens", _MISSING)
+    if out is _MISSING:
+        out = get("completion_tokens")
+    in_details = get("input_tokens_details") or get("prompt_tokens_details")
+    out_details = get("output_tokens_details") or get("completion_tokens_details")
     return Usage(
-        input_tokens=_int(inp),
-        output_tokens=_int(out),
-        cached_tokens=_int(in_details.get("cached_tokens") if isinstance(in_details, dict) else 0),
-        reasoning_tokens=_int(
-            out_details.get("reasoning_tokens") if isinstance(out_details, dict) else 0
+        input_tokens=inp if type(inp) is int and inp > 0 else _int(inp),
+        output_tokens=out if type(out) is int and out > 0 else _int(out),
+        cached_tokens=_int(in_details.get("cached_tokens")) if isinstance(in_details, dict) else 0,
+        reasoning_tokens=(
+            _int(out_details.get("reasoning_tokens")) if isinstance(out_details, dict) else 0
         ),
     )
+
+
+_MISSING = object()
 
 
 def _int(value: Any) -> int:

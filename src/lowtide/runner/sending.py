@@ -22,9 +22,12 @@ from lowtide.runner.context import RunnerContext
 from lowtide.runner.results import error_line, response_line, usage_of
 from lowtide.runner.retry import backoff_seconds, is_retryable_status, route_refusal
 from lowtide.runner.schema_check import answer_check, split_extension, violation_line
+from lowtide.store.rows import Usage
 from lowtide.vocabulary import PRIORITIES
 
 log = logging.getLogger("lowtide.shard")
+
+_NO_USAGE = Usage()  # shared and never changed: what a line with no answer reports
 
 
 class BatchScope(Protocol):
@@ -63,6 +66,9 @@ class LineSender:
                 f"The provided model '{body.get('model')}' is not served by this Lowtide server."
             )
             return unanswered(error_line(line_id, custom_id, "model_not_found", message))
+        if self.batch.endpoint not in route.served_endpoints():  # Messages lines get here
+            message = f"The model '{route.name}' does not serve {self.batch.endpoint} here."
+            return unanswered(error_line(line_id, custom_id, "unsupported_endpoint", message))
         try:
             engine = self.ctx.router.engine_for(route)
         except Exception as exc:  # a misconfigured route fails its lines, never the shard
@@ -71,8 +77,13 @@ class LineSender:
         controller = self.ctx.admission(route)
         check = answer_check(route, self.batch.endpoint, body, check_flag)
         schema_retries = 0
+        discarded: Usage | None = None  # answers asked again for their schema: paid for too
         while True:
-            response, failure = await self._attempts(route, engine, controller, body, custom_id)
+            response, failure, usage = await self._attempts(
+                route, engine, controller, body, custom_id
+            )
+            if discarded is not None:
+                usage = _sum(usage, discarded)
             if check is None or response is None or not 200 <= response.status_code < 300:
                 break
             if self.halt.lost:
@@ -83,8 +94,9 @@ class LineSender:
             if schema_retries >= check.retries or self.halt.stopping:
                 result = violation_line(line_id, custom_id, response, reason)
                 model = str(body.get("model"))
-                return answered(result, usage_of(response.body), route, model, provider_batch=False)
+                return answered(result, usage, route, model, provider_batch=False)
             schema_retries += 1  # the answer does not match its schema: ask again
+            discarded = usage
             controller.retried()
         if self.halt.lost:
             return None
@@ -95,9 +107,7 @@ class LineSender:
         if self.halt.stopping and is_retryable_status(response.status_code):
             return None
         result = response_line(line_id, custom_id, response)
-        return answered(
-            result, usage_of(response.body), route, str(body.get("model")), provider_batch=False
-        )
+        return answered(result, usage, route, str(body.get("model")), provider_batch=False)
 
     async def _attempts(
         self,
@@ -106,21 +116,23 @@ class LineSender:
         controller: RouteController,
         body: dict[str, Any],
         custom_id: str,
-    ) -> tuple[EngineResponse | None, TransientEngineError | None]:
+    ) -> tuple[EngineResponse | None, TransientEngineError | None, Usage]:
         """Send the line until it gets a final answer, its retries run out, or the shard stops.
+        Returns the last answer (or failure) and the usage that answer reports.
 
         A refusal of the route itself (401, 403, 404) uses no retry: the line waits with every
         other line of the route until a probe finds the route working again.
         """
-        batch, cfg = self.batch, self.ctx.config
+        batch, cfg, paused = self.batch, self.ctx.config, self.ctx.paused
         cost = estimate_tokens(batch.endpoint, body)
         response: EngineResponse | None = None
         failure: TransientEngineError | None = None
+        usage = _NO_USAGE
         attempt = 0
         while True:
             permit = await self._permit(controller, cost)
             if permit is None:
-                return None, None  # stopped while waiting: this line never starts
+                return None, None, _NO_USAGE  # stopped while waiting: this line never starts
             try:
                 response, failure = await engine.execute(batch.endpoint, body), None
             except TransientEngineError as exc:
@@ -132,8 +144,8 @@ class LineSender:
                 controller.release(permit, status=0)
                 log.exception("engine %s failed on %s", route.name, custom_id)
                 message = f"The engine failed: {exc.__class__.__name__}: {exc}"
-                return None, TransientEngineError("engine_error", message)
-            self._account(controller, permit, response, failure)
+                return None, TransientEngineError("engine_error", message), _NO_USAGE
+            usage = self._account(controller, permit, response, failure)
             if response is not None:
                 refusal = route_refusal(route.name, response.status_code, response.body)
                 if refusal is not None:
@@ -141,11 +153,12 @@ class LineSender:
                     await self.ctx.note_paused(batch.batch_id, refusal)
                     continue
                 controller.route_ok()
-                await self.ctx.note_paused(batch.batch_id, None)
+                if paused.get(batch.batch_id) is not None:  # (a no-op, not a call, per line)
+                    await self.ctx.note_paused(batch.batch_id, None)
             if response is not None and not is_retryable_status(response.status_code):
-                return response, None
+                return response, None, usage
             if attempt == route.max_retries or self.halt.stopping or self.halt.lost:
-                return response, failure
+                return response, failure, usage
             controller.retried()
             retry_after = response.retry_after if response is not None else None
             await asyncio.sleep(
@@ -164,11 +177,15 @@ class LineSender:
                 await asyncio.sleep(1.0)
         if self.halt.stopping or self.halt.lost:
             return None
+        weight = self._weight()
+        permit = controller.try_acquire(self.batch.batch_id, weight, cost)
+        if permit is not None:  # the usual case: room now, no wait
+            return permit
         task = asyncio.current_task()
         assert task is not None
         self.queued.add(task)
         try:
-            permit = await controller.acquire(self.batch.batch_id, self._weight(), cost)
+            permit = await controller.acquire(self.batch.batch_id, weight, cost)
         finally:
             self.queued.discard(task)
         if self.halt.stopping or self.halt.lost:
@@ -182,11 +199,12 @@ class LineSender:
         permit: Permit,
         response: EngineResponse | None,
         failure: TransientEngineError | None,
-    ) -> None:
+    ) -> Usage:
+        """Return the permit with what the answer taught; the answer's usage."""
         if response is None:
             controller.release(permit, status=None)
             controller.count(failure.code if failure else "error")
-            return
+            return _NO_USAGE
         usage = usage_of(response.body)
         controller.release(
             permit,
@@ -196,6 +214,7 @@ class LineSender:
             headers=response.headers,
         )
         controller.count(str(response.status_code))
+        return usage
 
     def _weight(self) -> float:
         """This batch's share: its priority, boosted when its window is about to close."""
@@ -205,3 +224,12 @@ class LineSender:
         if window > 0 and batch.expires_at - time.time() < 0.25 * window:
             weight *= 8  # the last quarter of the completion window: go first
         return weight
+
+
+def _sum(a: Usage, b: Usage) -> Usage:
+    return Usage(
+        input_tokens=a.input_tokens + b.input_tokens,
+        output_tokens=a.output_tokens + b.output_tokens,
+        cached_tokens=a.cached_tokens + b.cached_tokens,
+        reasoning_tokens=a.reasoning_tokens + b.reasoning_tokens,
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -89,15 +90,14 @@ class ShardRun:
             await release_shard(self.ctx.db, claim, retry_at=retry_at)
 
     async def _dispatch(self, lines: list[bytes]) -> None:
-        first = (
-            orjson.loads(lines[self.claim.committed]) if self.claim.committed < len(lines) else None
-        )
-        window = asyncio.Semaphore(self._window_size(first))
-        for index in range(self.claim.committed, self.claim.request_count):
-            if self.stopping or self.lost:
-                return
-            await window.acquire()
-            task = asyncio.create_task(self._run_line(index, lines[index], window))
+        """Start the lanes that run the shard's lines, in order: each takes the next line when
+        its last one is done, so at most a window of lines is in flight or waiting for
+        admission. (A lane per window slot, not a task per line: this is every line's path.)"""
+        start, end = self.claim.committed, self.claim.request_count
+        first = orjson.loads(lines[start]) if start < len(lines) else None
+        todo = iter(range(start, end))
+        for _ in range(min(self._window_size(first), end - start)):
+            task = asyncio.create_task(self._lane(todo, lines))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -143,13 +143,21 @@ class ShardRun:
                 self.stopping = True
 
     # -- one line ------------------------------------------------------------------------
-    async def _run_line(self, index: int, raw: bytes, window: asyncio.Semaphore) -> None:
-        try:
-            done = await self._execute(index, raw)
-        finally:
-            window.release()
-        if done is None:
-            return
+    async def _lane(self, todo: Iterator[int], lines: list[bytes]) -> None:
+        for index in todo:
+            if self.stopping or self.lost:
+                return
+            try:
+                done = await self._execute(index, lines[index])
+            except Exception:  # a bug fails one line (left unfinished: a gap), never the lane
+                log.exception(
+                    "line %d of shard %s/%s failed", index, self.claim.batch_id, self.claim.idx
+                )
+                continue
+            if done is not None:
+                self._finished(index, done)
+
+    def _finished(self, index: int, done: FinishedLine) -> None:
         self._results[index] = done
         results = self._results
         ready = self._ready

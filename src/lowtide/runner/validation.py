@@ -17,7 +17,7 @@ import orjson
 from lowtide.admission.estimate import estimate_prompt_tokens
 from lowtide.config import BatchLimits, ModelRoute
 from lowtide.runner.duplicates import DuplicateFinder
-from lowtide.vocabulary import ENDPOINTS, UTF8_BOM
+from lowtide.vocabulary import ENDPOINTS, MESSAGES_ENDPOINT, UTF8_BOM
 
 MAX_LINE_BYTES = 64 * 1024 * 1024
 
@@ -76,6 +76,12 @@ class FileValidator:
         # The route of a model whose lines go out as provider batches (None: they run here).
         # Their lines get shards of their own, and shards are cut at provider-batch limits.
         self._upstream_of = upstream_of or (lambda model: None)
+        # Messages lines are validated per line, as Anthropic does: a body a route cannot serve
+        # fails that line when it runs (an `errored` result), never the whole batch. They run
+        # synchronously (an upstream_batch route's provider speaks OpenAI's batch format).
+        self._per_line = endpoint == MESSAGES_ENDPOINT
+        if self._per_line:
+            self._upstream_of = lambda model: None
         self._chunks: list[dict[str, Any]] = []
         self._open_chunk: dict[str, dict[str, Any]] = {}  # route name -> chunk being filled
         self._served = ", ".join(f"'{m}'" for m in served_models or [])
@@ -284,6 +290,8 @@ class FileValidator:
         if not isinstance(body, dict):
             self._error("invalid_request", line, "body", "The 'body' must be a JSON object.")
             return
+        if self._per_line:
+            return self._model_of_messages_line(body)
         required, label = ENDPOINTS[self.endpoint]
         if body.get("stream"):
             self._error(
@@ -333,6 +341,20 @@ class FileValidator:
             code, param, message = problem
             self._error(code, line, f"body.{param}", message)
             return
+        return self._valid(model, body)
+
+    def _model_of_messages_line(self, body: dict[str, Any]) -> str | None:
+        """A Messages line's model when a route here serves it (None: it fails when it runs)."""
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return None
+        endpoints = self._route_endpoints(model)
+        if endpoints is None or self.endpoint not in endpoints:
+            return None
+        return self._valid(model, body)
+
+    def _valid(self, model: str, body: dict[str, Any]) -> str:
+        """Count a line that will run on `model`: its model, and its input tokens."""
         if len(self.models) < 16:
             self.models.setdefault(model, None)
         if len(self.input_tokens) < 10_000 or model in self.input_tokens:

@@ -64,8 +64,14 @@ class Worker:
         )
         self._last_expiry = 0.0
         self._last_route_log = time.time()
+        # A shard that ends wakes the loop only to fill its slot (a light tick); everything
+        # else (new work, a cancel, a batch task done, the poll) gets the whole tick, and so
+        # does any tick a poll interval after the last whole one.
+        self._full_tick = True
+        self._last_full_tick = 0.0
 
     def wake(self) -> None:
+        self._full_tick = True
         self._wake.set()
 
     def stop_batch(self, batch_id: str) -> None:
@@ -74,7 +80,7 @@ class Worker:
             if run.claim.batch_id == batch_id:
                 run.stopping = True
         self.chunks.stop_batch(batch_id)
-        self._wake.set()
+        self.wake()
 
     async def run(self) -> None:
         log.info("worker %s started", self.id)
@@ -110,15 +116,33 @@ class Worker:
     async def _tick(self) -> None:
         now = time.time()
         cfg = self.config.worker
+        if not self._full_tick and now - self._last_full_tick < cfg.poll_seconds:
+            await self._claim_work()  # a shard ended: fill its slot, nothing else
+            return
+        self._full_tick = False
+        self._last_full_tick = now
         if now - self._last_expiry >= 1.0:
             self._last_expiry = now
             for batch_id in await leases.mark_expired(self.db, now):
                 self.stop_batch(batch_id)
-        # A cancel may come through any API server: look for it every tick, so no new line of
-        # a cancelled batch starts here more than a tick after it.
+        # A cancel may come through any API server: look for it every whole tick, so no new
+        # line of a cancelled batch starts here more than a poll interval after it.
         running = list({run.claim.batch_id for run in self._shards.values() if not run.stopping})
         for batch_id in await stopped_among(self.db, running):
             self.stop_batch(batch_id)
+        await self._claim_work()
+        if not self._stopping:
+            await self.chunks.tick(time.time())
+            await self.webhooks.tick(time.time())
+        if now - self._last_route_log >= 30:
+            self._last_route_log = now
+            self._log_routes()
+        if now - self._last_sweep >= cfg.sweep_seconds:
+            self._last_sweep = now
+            await self._sweep(now)
+
+    async def _claim_work(self) -> None:
+        cfg = self.config.worker
         while len(self._batch_tasks) < _MAX_BATCH_TASKS and not self._stopping:
             task = await leases.claim_batch_task(self.db, self.id, time.time(), cfg.lease_seconds)
             if task is None:
@@ -129,14 +153,6 @@ class Worker:
             # the regular slots; then the regular slots are filled.
             await self._claim_shards(cfg.max_batches_in_flight, idle_batches_only=True)
             await self._claim_shards(cfg.max_active_shards, idle_batches_only=False)
-            await self.chunks.tick(time.time())
-            await self.webhooks.tick(time.time())
-        if now - self._last_route_log >= 30:
-            self._last_route_log = now
-            self._log_routes()
-        if now - self._last_sweep >= cfg.sweep_seconds:
-            self._last_sweep = now
-            await self._sweep(now)
 
     # -- shards --------------------------------------------------------------------------
     async def _claim_shards(self, slots: int, *, idle_batches_only: bool) -> None:
@@ -177,7 +193,7 @@ class Worker:
         self._batch_tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("batch task crashed", exc_info=task.exception())
-        self._wake.set()
+        self.wake()
 
     async def _with_lease(self, task: BatchTask, job: Callable[[BatchTask], object]) -> None:
         """Run a batch-level job while renewing its lease; give the lease back if it fails."""

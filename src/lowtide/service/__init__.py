@@ -3,6 +3,7 @@
 from lowtide.runner.rerun import RerunRequest
 from lowtide.service.batches import BatchRequest, BatchService, BatchView
 from lowtide.service.files import FileService, FileUpload
+from lowtide.service.message_batches import MessageBatchService, MessageRequest
 from lowtide.store.rows import BatchRow, Counts, FileRow
 
 __all__ = [
@@ -14,5 +15,7 @@ __all__ = [
     "FileRow",
     "FileService",
     "FileUpload",
+    "MessageBatchService",
+    "MessageRequest",
     "RerunRequest",
 ]

@@ -93,9 +93,17 @@ class BatchRequest:
 
 class BatchService(UseCases):
     async def create(
-        self, project: str, request: BatchRequest, *, idempotency_key: str | None = None
+        self,
+        project: str,
+        request: BatchRequest,
+        *,
+        idempotency_key: str | None = None,
+        batch_id: str | None = None,
+        total: int = 0,
     ) -> BatchView:
-        """A new batch waiting for validation; with a known idempotency key, the first one."""
+        """A new batch waiting for validation; with a known idempotency key, the first one.
+        (`batch_id`: a face whose API names batches its own way chose the id; `total`: it wrote
+        the input itself, so it knows the count before validation does.)"""
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
             raise invalid_value(
                 "Idempotency-Key", "The Idempotency-Key header must be 1 to 255 characters long."
@@ -104,7 +112,7 @@ class BatchService(UseCases):
         metadata = request.metadata
         now = int(time.time())
         row = BatchRow(
-            id=new_batch_id(),
+            id=batch_id or new_batch_id(),
             project=project,
             endpoint=request.endpoint,
             input_file_id=request.input_file_id,
@@ -117,6 +125,7 @@ class BatchService(UseCases):
             priority=(metadata or {}).get("priority", DEFAULT_PRIORITY),
             idempotency_key=idempotency_key,
             webhook_url=request.webhook_url,
+            total=total,
         )
         earlier = await batch_store.insert_batch(self._db, row)
         if earlier is None:
@@ -132,7 +141,7 @@ class BatchService(UseCases):
                 code="idempotency_key_reused",
                 headers={"x-should-retry": "false"},
             )
-        return (await self._views([earlier]))[0]
+        return (await self.views([earlier]))[0]
 
     def check(self, request: BatchRequest) -> tuple[int, int | None]:
         """Every check a create makes before it writes anything (the estimate makes them too):
@@ -155,14 +164,14 @@ class BatchService(UseCases):
         return window, output_ttl
 
     async def get(self, project: str, batch_id: str) -> BatchView:
-        return (await self._views([await self._row(project, batch_id)]))[0]
+        return (await self.views([await self._row(project, batch_id)]))[0]
 
     async def list(
         self, project: str, *, after: str | None, limit: int
     ) -> tuple[list[BatchView], bool]:
         """Newest first."""
         rows, has_more = await batch_store.list_batches(self._db, project, limit=limit, after=after)
-        return await self._views(rows), has_more
+        return await self.views(rows), has_more
 
     async def cancel(self, project: str, batch_id: str) -> BatchView:
         """No new line starts after this; lines already sent may finish (cancel_grace_seconds)."""
@@ -176,7 +185,7 @@ class BatchService(UseCases):
                 headers={"x-should-retry": "false"},
             )
         self._wake()
-        return (await self._views([row]))[0]
+        return (await self.views([row]))[0]
 
     async def retry(
         self,
@@ -222,7 +231,7 @@ class BatchService(UseCases):
                 409, "The batch changed while it was being retried; retrieve it and try again."
             )
         self._wake()
-        return (await self._views([rerun]))[0]
+        return (await self.views([rerun]))[0]
 
     async def results(
         self, project: str, batch_id: str, *, output: bool, errors: bool
@@ -263,7 +272,7 @@ class BatchService(UseCases):
             raise batch_not_found(batch_id)
         return row
 
-    async def _views(self, rows: list[BatchRow]) -> list[BatchView]:
+    async def views(self, rows: list[BatchRow]) -> list[BatchView]:
         running = [r.id for r in rows if r.status not in TERMINAL]
         live = await batch_store.live_counts(self._db, running)
         chunks = await chunks_of_batches(self._db, [r.id for r in rows])

@@ -163,6 +163,9 @@ class FileService(UseCases):
             raise not_found("File", file_id)
         self._wake()
 
+    def chunks(self, row: FileRow) -> AsyncIterator[bytes]:
+        return self._blobs.iter_chunks(row.blob_key)
+
     async def content(self, project: str, file_id: str) -> tuple[FileRow, AsyncIterator[bytes]]:
         row = await self.get(project, file_id)
         return row, self._blobs.iter_chunks(row.blob_key)

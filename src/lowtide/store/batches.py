@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, func, insert, select, update
+from sqlalchemy import and_, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from lowtide.store.database import Database, storable
 from lowtide.store.pages import page
 from lowtide.store.rows import COUNT_COLUMNS, BatchRow, ChunkRow, Counts, ShardRow
-from lowtide.store.schema import batches, count_sums, shards, upstream_chunks
+from lowtide.store.schema import batches, count_sums, segments, shards, upstream_chunks
 from lowtide.store.webhooks import record_event
 from lowtide.vocabulary import STOPPABLE, UNFINISHED, BatchStatus, ShardStatus, StopReason
 
@@ -52,14 +52,51 @@ async def get_batch(db: Database, project: str, batch_id: str) -> BatchRow | Non
 
 
 async def list_batches(
-    db: Database, project: str, *, limit: int, after: str | None
+    db: Database,
+    project: str,
+    *,
+    limit: int,
+    after: str | None,
+    before: str | None = None,
+    endpoint: str | None = None,
 ) -> tuple[list[BatchRow], bool]:
-    """Newest first."""
+    """Newest first; only those of `endpoint` if given."""
     query = select(batches).where(batches.c.project == project)
+    if endpoint is not None:
+        query = query.where(batches.c.endpoint == endpoint)
     rows, has_more = await page(
-        db, batches, query, project=project, after=after, limit=limit, ascending=False
+        db,
+        batches,
+        query,
+        project=project,
+        after=after,
+        before=before,
+        limit=limit,
+        ascending=False,
     )
     return [BatchRow.from_row(r) for r in rows], has_more
+
+
+async def delete_ended_batch(
+    db: Database, project: str, batch_id: str
+) -> tuple[BatchRow | None, bool]:
+    """Remove an ended batch and what the runner kept of it; its files are the caller's to
+    delete. Returns the row as it was (None: no such batch) and whether it is gone (an
+    unfinished one stays)."""
+    if not storable(batch_id):
+        return None, False
+    mine = and_(batches.c.id == batch_id, batches.c.project == project)
+    async with db.write() as conn:
+        found = (await conn.execute(select(batches).where(mine))).first()
+        if found is None:
+            return None, False
+        row = BatchRow.from_row(found)
+        ended = mine & batches.c.status.not_in(UNFINISHED)  # a retry may have just restarted it
+        if (await conn.execute(delete(batches).where(ended))).rowcount != 1:
+            return row, False
+        for table in (shards, upstream_chunks, segments):
+            await conn.execute(delete(table).where(table.c.batch_id == batch_id))
+    return row, True
 
 
 async def live_counts(db: Database, batch_ids: list[str]) -> dict[str, Counts]:

@@ -67,6 +67,7 @@ class LlamaCppEngine(Engine):
             slots=route.parallel,
             context_per_slot=route.context_size,
             threads=route.threads or os.cpu_count() or 1,
+            prefix_cache=route.prefix_cache,
         )
         self._tokens = PromptTokens(decoder.model, self.name)
         log.info(
@@ -186,7 +187,9 @@ class LlamaCppEngine(Engine):
                 }
                 for i, r in enumerate(results)
             ]
-            return completion_body(False, model, choices, prompt_tokens, completion_tokens)
+            out = completion_body(False, model, choices, prompt_tokens, completion_tokens)
+            out["usage"]["prompt_tokens_details"] = {"cached_tokens": results[0].cached_tokens}
+            return out
         choices = [
             {
                 "index": i,
@@ -197,6 +200,7 @@ class LlamaCppEngine(Engine):
             for i, r in enumerate(results)
         ]
         out = completion_body(True, model, choices, prompt_tokens, completion_tokens)
+        out["usage"]["prompt_tokens_details"] = {"cached_tokens": results[0].cached_tokens}
         out["system_fingerprint"] = None
         return out
 

@@ -13,6 +13,13 @@ token the grammar refuses makes the grammar judge more candidates: the best 256 
 that way; sampling is exact too (drawing again after a refusal, then from the masked
 distribution, is drawing from the masked distribution), up to the candidates left out, whose
 probability must be under 0.1% of what the grammar allows among those judged.
+
+Shared prompt prefixes (`prefix_cache`, on by default): a slot keeps its last prompt's KV cells
+when its sequence ends, and a new sequence starts from the longest common prefix any slot holds
+(its own cells, or a copy of another slot's), so a batch that repeats one long instruction
+computes it once per slot at most, and usually once. Waiting requests are admitted best-prefix
+first (with a bound on how often one can be passed over), and a request whose prefix a running
+sequence is computing right now waits the step or two until it can copy it. See prefixes.py.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from lowtide.engines.llamacpp.options import SamplingParams
+from lowtide.engines.llamacpp.prefixes import PrefixCache, block_chain
 from lowtide.engines.llamacpp.weights import quiet_llama
 
 log = logging.getLogger("lowtide.llamacpp")
@@ -41,6 +49,10 @@ _MAX_BATCH_TOKENS = 2048
 _GRAMMAR_CANDIDATES = (256, 4096)
 _SAMPLE_TRIES = 4
 _TAIL_SHARE = 1e-3
+# Waiting requests: how many are looked at for a shared prefix, and how many admissions one
+# may be passed over for requests with a longer cached prefix before it goes first.
+_SCAN = 128
+_MAX_SKIPS = 64
 
 __all__ = ["BatchedDecoder", "Finished", "SamplingParams", "Sequence", "TokenLogprob"]
 
@@ -60,6 +72,7 @@ class Finished:
     finish_reason: str  # "stop" | "length"
     completion_tokens: int
     logprobs: list[TokenLogprob] | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV cells were reused, not computed
 
 
 @dataclass
@@ -80,6 +93,9 @@ class Sequence:
     text: bytearray = field(default_factory=bytearray)
     counts: dict[int, int] = field(default_factory=dict)  # generated tokens, for penalties
     logprobs: list[TokenLogprob] | None = None
+    chain: list[int] | None = None  # block keys of the prompt (prefix cache)
+    cached: int = 0  # prompt tokens reused from cells already computed
+    skipped: int = 0  # admissions that went to later requests while this one waited
 
     def finish(self, reason: str) -> None:
         text = self.text.decode("utf-8", errors="replace")
@@ -96,7 +112,7 @@ class Sequence:
                     logprobs = logprobs[:i]
                     break
                 offset += len(entry.piece)
-        result = Finished(text, reason, self.generated, logprobs)
+        result = Finished(text, reason, self.generated, logprobs, self.cached)
         self.loop.call_soon_threadsafe(_resolve, self.future, result)
 
     def fail(self, exc: Exception) -> None:
@@ -117,7 +133,13 @@ class BatchedDecoder:
     """The continuous-batching loop over one llama.cpp context, on its own thread."""
 
     def __init__(
-        self, model_path: Path, *, slots: int, context_per_slot: int, threads: int
+        self,
+        model_path: Path,
+        *,
+        slots: int,
+        context_per_slot: int,
+        threads: int,
+        prefix_cache: bool = True,
     ) -> None:
         import llama_cpp
         from llama_cpp._internals import LlamaModel
@@ -153,6 +175,15 @@ class BatchedDecoder:
             sorted=False,
         )
         self._all_tokens = np.arange(self.n_vocab, dtype=np.int32)
+        # Copying a slot's cells copies its whole KV stream (context_per_slot cells): worth it
+        # when it saves computing at least this many prompt tokens.
+        self.prefixes: PrefixCache | None = None
+        if prefix_cache and not (
+            llama_cpp.llama_model_is_recurrent(self.model.model)
+            or llama_cpp.llama_model_is_hybrid(self.model.model)
+        ):
+            self.prefixes = PrefixCache(slots, min_copy=max(32, context_per_slot // 32))
+        self._waiting: list[Sequence] = []
         self._queue: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="llamacpp-decoder", daemon=True)
         self._thread.start()
@@ -205,29 +236,94 @@ class BatchedDecoder:
                 for seq in list(active.values()):
                     seq.fail(exc)
                     self._release(seq, free, active)
+                self._forget_all()  # what the cells hold now is unknown
                 continue
+            if self.prefixes is not None:
+                for seq in active.values():
+                    if seq.n_past <= len(seq.prompt):  # still prefilling (or just done)
+                        self.prefixes.progress(seq.slot, seq.n_past)
             for seq, index in rows:
                 self._advance(seq, index, free, active)
 
     def _admit(self, free: list[int], active: dict[int, Sequence]) -> bool:
         """Move waiting requests into free slots; block only when nothing is running."""
-        block = not active
-        while free:
+        waiting = self._waiting
+        block = not active and not waiting
+        while True:
             try:
                 seq = self._queue.get(block=block)
             except queue.Empty:
-                return True
+                break
             block = False
             if seq is None:
                 return False
-            if seq.future.done():  # the caller gave up (cancel, shutdown)
-                self._free_grammar(seq)
+            waiting.append(seq)
+        if any(seq.future.done() for seq in waiting):  # callers that gave up (cancel, shutdown)
+            for seq in waiting:
+                if seq.future.done():
+                    self._free_grammar(seq)
+            waiting[:] = [seq for seq in waiting if not seq.future.done()]
+        while free and waiting:
+            pick = self._pick(can_wait=bool(active))
+            if pick is None:  # every request waits for a prefix being computed now
+                break
+            self._place(waiting.pop(pick), free, active)
+        return True
+
+    def _pick(self, *, can_wait: bool) -> int | None:
+        """Which waiting request goes next: first come, first served without the prefix cache;
+        with it, the one with the longest prefix already in some slot's cells, unless the
+        oldest has been passed over _MAX_SKIPS times."""
+        prefixes, waiting = self.prefixes, self._waiting
+        if prefixes is None:
+            return 0
+        best, best_held = None, -1
+        for i, seq in enumerate(waiting[:_SCAN]):
+            if seq.chain is None:
+                seq.chain = block_chain(seq.prompt)
+            if can_wait and prefixes.should_wait(seq.chain):
                 continue
+            if seq.skipped >= _MAX_SKIPS:
+                best = i
+                break
+            held = prefixes.held(seq.chain)
+            if held > best_held:
+                best, best_held = i, held
+        if best is not None:
+            for seq in waiting[:best]:
+                seq.skipped += 1
+        return best
+
+    def _place(self, seq: Sequence, free: list[int], active: dict[int, Sequence]) -> None:
+        """Give the request a free slot, starting from the longest prefix any slot holds."""
+        llama, memory, prefixes = self._llama, self.memory, self.prefixes
+        if prefixes is None:
             seq.slot = heapq.heappop(free)
-            self._llama.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
+            llama.llama_memory_seq_rm(memory, seq.slot, -1, -1)
             seq.pending = list(seq.prompt)
             active[seq.slot] = seq
-        return True
+            return
+        if seq.chain is None:
+            seq.chain = block_chain(seq.prompt)
+        plan = prefixes.plan(seq.prompt, seq.chain, free)
+        slot, reuse = plan.slot, plan.reuse
+        free.remove(slot)
+        heapq.heapify(free)
+        if reuse and plan.source != slot:  # the whole stream is copied before the next decode
+            llama.llama_memory_seq_cp(memory, plan.source, slot, -1, -1)
+        if not reuse or not llama.llama_memory_seq_rm(memory, slot, reuse, -1):
+            llama.llama_memory_seq_rm(memory, slot, -1, -1)
+            reuse = 0
+        prefixes.assign(slot, seq.prompt, seq.chain, reuse)
+        seq.slot, seq.n_past, seq.cached = slot, reuse, reuse
+        seq.pending = list(seq.prompt[reuse:])
+        active[slot] = seq
+
+    def _forget_all(self) -> None:
+        for slot in range(self.slots):
+            self._llama.llama_memory_seq_rm(self.memory, slot, -1, -1)
+            if self.prefixes is not None:
+                self.prefixes.forget(slot)
 
     def _step(self, active: dict[int, Sequence]) -> list[tuple[Sequence, int]]:
         batch = self.batch
@@ -309,6 +405,8 @@ class BatchedDecoder:
     def _release(self, seq: Sequence, free: list[int], active: dict[int, Sequence]) -> None:
         if active.pop(seq.slot, None) is not None:
             heapq.heappush(free, seq.slot)
+            if self.prefixes is not None:
+                self.prefixes.release(seq.slot)
         self._free_grammar(seq)
 
     def _free_grammar(self, seq: Sequence) -> None:

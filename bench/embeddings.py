@@ -1,0 +1,211 @@
+"""Embeddings throughput: MiniLM on ONNX Runtime (Lowtide's encoder) beside what else runs on CPU.
+
+Encoders driven directly (texts sorted by length, 64 a call, all cores), in interleaved rounds so
+that the machine's noise falls on each alike:
+  numpy     - the hand-written numpy BERT Lowtide used before (`engines/bert.py`);
+  onnx      - the standard-operator graph an ONNX export of the sentence-transformers model
+              gives (what `optimum`/`torch.onnx.export` + onnxruntime would run), ONNX Runtime's
+              generic graph optimizations on;
+  lowtide   - Lowtide's encoder (`engines/bert_onnx.py`): the same graph with the attention-output
+              and feed-forward products on 8-bit block-quantized weights (MatMulNBits).
+Then texts/s through a real Lowtide batch (`lowtide serve`, one text per line, create ->
+completed), once with the numpy encoder (LOWTIDE_EMBEDDINGS_ENCODER=numpy) and once with the
+ONNX one, the two servers' batches alternating. Every figure is the median of --repeats rounds;
+ratios are between medians of this one run. Vectors are checked against numpy (min cosine).
+
+    .venv/bin/python bench/embeddings.py [--texts 5000] [--direct-texts 2000] [--repeats 3]
+    .venv/bin/python bench/embeddings.py --threads 1   # core for core, steadier on a busy machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from processes import start_lowtide, stop  # noqa: E402
+
+from lowtide.engines.bert import BertSentenceEncoder  # noqa: E402
+from lowtide.engines.bert_onnx import OnnxSentenceEncoder  # noqa: E402
+from lowtide.engines.model_files import minilm_folder  # noqa: E402
+
+TOPICS = ["a lighthouse", "the moon", "a robot", "a bakery", "the ocean", "a violin", "a city"]
+MODEL = "all-MiniLM-L6-v2"
+
+
+def short_texts(n: int) -> list[str]:
+    """The README's corpus: short support tickets (15-17 tokens)."""
+    return [
+        f"Ticket {i}: my {TOPICS[i % len(TOPICS)]} order arrived damaged, please refund."
+        for i in range(n)
+    ]
+
+
+def encode_all(encoder, ids: list[list[int]], batch: int = 64) -> np.ndarray:
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = np.empty((len(ids), encoder.dim), dtype=np.float32)
+    for start in range(0, len(order), batch):
+        chunk = order[start : start + batch]
+        out[chunk] = encoder.encode_ids([ids[i] for i in chunk])
+    return out
+
+
+def bench_direct(
+    texts: list[str], repeats: int, cache: Path, threads: int
+) -> tuple[dict, dict, dict, dict]:
+    folder = minilm_folder()
+    loads: dict[str, float] = {}
+    started = time.perf_counter()
+    encoders = {"numpy": BertSentenceEncoder(folder)}
+    loads["numpy"] = time.perf_counter() - started
+    started = time.perf_counter()
+    encoders["onnx"] = OnnxSentenceEncoder(folder, cache, q8=False, threads=threads or None)
+    loads["onnx (first: build + cache the graph)"] = time.perf_counter() - started
+    started = time.perf_counter()
+    OnnxSentenceEncoder(folder, cache, threads=threads or None)
+    loads["lowtide (first: build + cache the graph)"] = time.perf_counter() - started
+    started = time.perf_counter()
+    encoders["lowtide"] = OnnxSentenceEncoder(folder, cache, threads=threads or None)
+    loads["lowtide (cached graph)"] = time.perf_counter() - started
+
+    ids = encoders["numpy"].tokenize(texts)
+    rates: dict[str, list[float]] = {name: [] for name in encoders}
+    per_cpu: dict[str, list[float]] = {name: [] for name in encoders}
+    vectors: dict[str, np.ndarray] = {}
+    for name, encoder in encoders.items():  # warm-up: first-call allocations, thread pools
+        vectors[name] = encode_all(encoder, ids[:256])
+    for _ in range(repeats):
+        for name, encoder in encoders.items():
+            started, cpu = time.perf_counter(), time.process_time()
+            vectors[name] = encode_all(encoder, ids)
+            rates[name].append(len(texts) / (time.perf_counter() - started))
+            per_cpu[name].append(len(texts) / (time.process_time() - cpu))
+    cos = {name: float((vectors[name] * vectors["numpy"]).sum(axis=1).min()) for name in encoders}
+    return rates, per_cpu, loads, cos
+
+
+def _run_batch(client, texts: list[str]) -> float:
+    lines = [
+        {
+            "custom_id": f"e{i}",
+            "method": "POST",
+            "url": "/v1/embeddings",
+            "body": {"model": MODEL, "input": text},
+        }
+        for i, text in enumerate(texts)
+    ]
+    raw = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    f = client.files.create(file=("bench.jsonl", io.BytesIO(raw)), purpose="batch")
+    started = time.perf_counter()
+    batch = client.batches.create(
+        input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h"
+    )
+    while batch.status not in ("completed", "failed", "expired", "cancelled"):
+        time.sleep(0.05)
+        batch = client.batches.retrieve(batch.id)
+    elapsed = time.perf_counter() - started
+    if batch.status != "completed" or batch.request_counts.failed:
+        raise SystemExit(f"batch ended {batch.status}: {batch.request_counts}")
+    return len(texts) / elapsed
+
+
+def bench_batches(texts: list[str], repeats: int) -> dict[str, list[float]]:
+    rates: dict[str, list[float]] = {"numpy": [], "lowtide": []}
+    servers = {}
+    with tempfile.TemporaryDirectory(prefix="lowtide-bench-emb-") as tmp:
+        try:
+            for name, encoder in (("numpy", "numpy"), ("lowtide", "onnx")):
+                os.environ["LOWTIDE_EMBEDDINGS_ENCODER"] = encoder
+                servers[name] = start_lowtide(Path(tmp) / name)
+                _run_batch(servers[name][1], texts[:64])  # loads the model
+            os.environ.pop("LOWTIDE_EMBEDDINGS_ENCODER")
+            for _ in range(repeats):
+                for name, (_, client) in servers.items():
+                    rates[name].append(_run_batch(client, texts))
+        finally:
+            for proc, _ in servers.values():
+                stop(proc)
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--texts", type=int, default=5_000, help="texts per Lowtide batch")
+    parser.add_argument("--direct-texts", type=int, default=2_000, help="texts per direct round")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-batches", action="store_true")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="encoders on this many threads (numpy's BLAS too; skips the batches): "
+        "--threads 1 compares the engines core for core, which holds on a busy machine",
+    )
+    args = parser.parse_args()
+    if args.threads and os.environ.get("OPENBLAS_NUM_THREADS") != str(args.threads):
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(args.threads)  # read when numpy loads: start again with them
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+    threads = f", encoders on {args.threads} thread(s)" if args.threads else ""
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs{threads}, {MODEL}")
+
+    with tempfile.TemporaryDirectory(prefix="lowtide-bench-onnx-") as cache:
+        direct, per_cpu, loads, cos = bench_direct(
+            short_texts(args.direct_texts), args.repeats, Path(cache), args.threads
+        )
+    batches = (
+        None
+        if args.skip_batches or args.threads
+        else bench_batches(short_texts(args.texts), args.repeats)
+    )
+
+    med = {name: statistics.median(r) for name, r in direct.items()}
+    print(f"\nencoder directly, {args.direct_texts} short texts, median of {args.repeats}")
+    print(
+        f"  {'encoder':<54}{'texts/s':>9}{'(min-max)':>12}{'vs numpy':>10}{'vs onnx':>9}"
+        f"{'per CPU-s':>11}{'vs numpy':>10}{'min cos':>10}"
+    )
+    labels = {
+        "numpy": "numpy BERT (Lowtide's encoder before)",
+        "onnx": "ONNX export graph on onnxruntime (a user's CPU option)",
+        "lowtide": "Lowtide: onnxruntime, 8-bit feed-forward weights",
+    }
+    cpu = {name: statistics.median(r) for name, r in per_cpu.items()}
+    for name, rates in direct.items():
+        span = f"({min(rates):.0f}-{max(rates):.0f})"
+        print(
+            f"  {labels[name]:<54}{med[name]:>9.0f}{span:>12}"
+            f"{med[name] / med['numpy']:>9.2f}x{med[name] / med['onnx']:>8.2f}x"
+            f"{cpu[name]:>11.0f}{cpu[name] / cpu['numpy']:>9.2f}x{cos[name]:>10.5f}"
+        )
+    print("  (per CPU-s: texts per second of this process's CPU time, all its threads;")
+    print("   min cos: the lowest cosine against the numpy encoder over every text)")
+    print("  load: " + ", ".join(f"{k} {v:.2f} s" for k, v in loads.items()))
+    if batches:
+        bmed = {name: statistics.median(r) for name, r in batches.items()}
+        print(
+            f"\nthrough a Lowtide batch, {args.texts} texts (one per line), median of {args.repeats}"
+        )
+        for name, label in (("numpy", "numpy encoder (before)"), ("lowtide", "ONNX encoder")):
+            rates = batches[name]
+            span = f"({min(rates):.0f}-{max(rates):.0f})"
+            print(f"  {label:<54}{bmed[name]:>9.0f}{span:>12}{bmed[name] / bmed['numpy']:>9.2f}x")
+        print(
+            f"  batch / direct (Lowtide's overhead): numpy {bmed['numpy'] / med['numpy']:.2f}, "
+            f"onnx {bmed['lowtide'] / med['lowtide']:.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""MiniLM on ONNX Runtime gives the numpy encoder's vectors (cosine >= 0.999 for every text),
+through the engine's own batching, padding and length-sorting; the built graph is cached once."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import numpy as np
+import pytest
+
+from lowtide.engines.bert import BertSentenceEncoder
+from lowtide.engines.bert_onnx import OnnxSentenceEncoder, prepare_graph
+from lowtide.engines.embeddings import EmbeddingsEngine, load_encoder
+from lowtide.engines.model_files import ModelFileMissing, minilm_folder
+
+try:
+    FOLDER = minilm_folder()
+except ModelFileMissing as exc:  # `lowtide models install` has not run
+    pytest.skip(str(exc), allow_module_level=True)
+
+
+def _texts() -> list[str]:
+    """A few dozen texts of every length: one word to past the 256-token truncation."""
+    rng = random.Random(7)
+    words = (FOLDER / "vocab.txt").read_text().split()[2000:12000]
+    texts = [
+        "A man is eating food.",
+        "A man is eating a piece of bread.",
+        "The stock market fell sharply today.",
+        "hi",
+        "?",
+        "Ticket 12: my robot order arrived damaged, please refund.",
+        "Über-naïve café owners in São Paulo sell crème brûlée — 5 € each!",
+        "def f(x):\n    return {'a': [1, 2, 3]}  # code, too",
+        "https://example.com/a/b?c=d&e=f",
+        "numbers 3.14159 2.71828 1.41421 and 1,000,000",
+        "The quick brown fox jumps over the lazy dog. " * 40,  # truncated at 256 tokens
+    ]
+    texts += [" ".join(rng.choice(words) for _ in range(n)) for n in range(1, 300, 11)]
+    return texts
+
+
+@pytest.fixture(scope="module")
+def reference() -> tuple[list[str], np.ndarray]:
+    """The numpy encoder, one text at a time (no padding at all)."""
+    texts = _texts()
+    encoder = BertSentenceEncoder(FOLDER)
+    return texts, np.concatenate([encoder.encode_ids([ids]) for ids in encoder.tokenize(texts)])
+
+
+def _min_cosine(vectors: np.ndarray, reference: np.ndarray) -> float:
+    assert vectors.shape == reference.shape
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+    return float((vectors * reference).sum(axis=1).min())
+
+
+def test_embeddings_through_the_engine_match_the_numpy_encoder(reference, tmp_path):
+    texts, expected = reference
+    engine = EmbeddingsEngine("all-MiniLM-L6-v2", 64, None, batch_size=8, cache_dir=tmp_path)
+
+    async def run() -> list[dict]:
+        # Two requests at once, so the engine pools, sorts by length and pads across them.
+        half = len(texts) // 2
+        bodies = [{"input": texts[:half]}, {"input": texts[half:], "encoding_format": "float"}]
+        responses = await asyncio.gather(
+            *(engine.execute("/v1/embeddings", body) for body in bodies)
+        )
+        await engine.close()
+        return [item for r in responses for item in r.body["data"]]
+
+    data = asyncio.run(run())
+    assert isinstance(engine._encoder, OnnxSentenceEncoder)
+    vectors = np.array([item["embedding"] for item in data], dtype=np.float32)
+    assert _min_cosine(vectors, expected) >= 0.999
+
+
+@pytest.mark.parametrize("q8", [True, False], ids=["q8", "f32"])
+def test_embeddings_onnx_graphs_match_the_numpy_encoder(reference, q8):
+    texts, expected = reference
+    encoder = OnnxSentenceEncoder(FOLDER, q8=q8)
+    ids = encoder.tokenize(texts)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    vectors = np.empty_like(expected)
+    for start in range(0, len(order), 16):  # padded batches of mixed lengths
+        chunk = order[start : start + 16]
+        vectors[chunk] = encoder.encode_ids([ids[i] for i in chunk])
+    assert _min_cosine(vectors, expected) >= (0.999 if q8 else 0.99999)
+    # The value sentence-transformers documents for this pair.
+    assert abs(float(vectors[0] @ vectors[1]) - 0.7553) < 0.002
+
+
+def test_embeddings_onnx_graph_is_built_once_and_cached(tmp_path):
+    first = prepare_graph(FOLDER, tmp_path)
+    assert first.parent == tmp_path and first.suffix == ".onnx"
+    built = first.stat().st_mtime_ns
+    assert prepare_graph(FOLDER, tmp_path) == first
+    assert first.stat().st_mtime_ns == built
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left
+    cached = OnnxSentenceEncoder(FOLDER, tmp_path)
+    in_memory = OnnxSentenceEncoder(FOLDER)
+    ids = cached.tokenize(["cached or not, the same vector"])
+    assert np.array_equal(cached.encode_ids(ids), in_memory.encode_ids(ids))
+
+
+def test_embeddings_encoder_choice(monkeypatch):
+    monkeypatch.setenv("LOWTIDE_EMBEDDINGS_ENCODER", "numpy")
+    assert isinstance(load_encoder(FOLDER), BertSentenceEncoder)
+    monkeypatch.setenv("LOWTIDE_EMBEDDINGS_ENCODER", "torch")
+    with pytest.raises(ValueError):
+        load_encoder(FOLDER)
