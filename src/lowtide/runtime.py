@@ -71,7 +71,9 @@ class Runtime:
         )
         self.files = FileService(deps)
         self.batches = BatchService(deps)
-        self.message_batches = MessageBatchService(deps, self.config.message_batches, self.files)
+        self.message_batches = MessageBatchService(
+            deps, self.config.message_batches, self.files, self.batches
+        )
         self.usage = UsageService(deps)
         self.estimates = EstimateService(deps, self.router)
         self.webhooks = WebhookService(deps)

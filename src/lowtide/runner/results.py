@@ -47,14 +47,18 @@ def _int(value: Any) -> int:
     return value if isinstance(value, int) and value > 0 else 0
 
 
-def response_line(line_id: str, custom_id: str, response: EngineResponse) -> ResultLine:
-    """A line for the output file (2xx) or the error file (any other status).
+def response_line(
+    line_id: str, custom_id: str, response: EngineResponse, error: dict[str, str] | None = None
+) -> ResultLine:
+    """A line for the output file (2xx) or the error file (any other status, or an `error` the
+    caller found in a 2xx answer).
 
     For an HTTP error we fill both `response` (as the engine answered, the hosted API's shape)
     and `error` (code and message), because some clients read only one of the two.
     """
-    ok = 200 <= response.status_code < 300
-    error = None if ok else _error_from_body(response.status_code, response.body)
+    ok = error is None and 200 <= response.status_code < 300
+    if error is None and not ok:
+        error = _error_from_body(response.status_code, response.body)
     line = {
         "id": line_id,
         "custom_id": custom_id,

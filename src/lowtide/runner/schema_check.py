@@ -28,7 +28,7 @@ from lowtide.engines.structured import (
     parse_response_format,
     schema_validator,
 )
-from lowtide.ids import new_request_id
+from lowtide.runner.results import response_line
 from lowtide.runner.segment_lines import ResultLine
 
 EXTENSION = "lowtide_validate_schema"
@@ -136,17 +136,7 @@ def violation_line(
     line_id: str, custom_id: str, response: EngineResponse, reason: str
 ) -> ResultLine:
     """An error-file line: the answer as the engine gave it, and why it was not accepted."""
-    line = {
-        "id": line_id,
-        "custom_id": custom_id,
-        "response": {
-            "status_code": response.status_code,
-            "request_id": response.request_id or new_request_id(),
-            "body": response.body,
-        },
-        "error": {"code": CODE, "message": reason},
-    }
-    return ResultLine(False, orjson.dumps(line, option=orjson.OPT_SERIALIZE_NUMPY))
+    return response_line(line_id, custom_id, response, {"code": CODE, "message": reason})
 
 
 def _answer_texts(endpoint: str, body: Any) -> list[tuple[str, Any]]:

@@ -42,12 +42,14 @@ class MessageRequest:
 
 
 class MessageBatchService:
-    def __init__(self, deps: Deps, limits: MessageBatchLimits, files: FileService) -> None:
+    def __init__(
+        self, deps: Deps, limits: MessageBatchLimits, files: FileService, batches: BatchService
+    ) -> None:
         self._db = deps.db
         self._wake = deps.wake
         self.limits = limits
         self._files = files
-        self._batches = BatchService(deps)
+        self._batches = batches
 
     async def create(self, project: str, requests: AsyncIterable[MessageRequest]) -> BatchView:
         """Stream the requests into an input file, then start a batch on it; a bad item is a
