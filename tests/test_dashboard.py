@@ -187,7 +187,8 @@ def test_dashboard_end_to_end(dash, browser):
     _wait(browser, lambda d: "/ui/login" in d.current_url)
     _shot(browser, "login")
     _login(browser, dash, "sk-wrong")
-    assert "not valid" in _text(browser, "#login-error")
+    # The answer to the POST replaces the page: wait for it rather than read the old one.
+    _wait(browser, lambda d: "not valid" in _text(d, "#login-error"))
     assert httpx.get(_ui(dash, "/batches"), follow_redirects=False).status_code == 303
     _login(browser, dash, "sk-dash-a")
     _wait(browser, lambda d: d.current_url.endswith("/ui/batches"))
