@@ -78,6 +78,11 @@ class ModelRoute(_Strict):
         True,
         description="llamacpp: reuse the KV cells of a prompt prefix that other requests share",
     )
+    group_prefixes: bool = Field(
+        True,
+        description="send a shard's lines that share a prompt prefix one after another, so the "
+        "engine's prefix cache stays warm (results still commit in file order)",
+    )
     batch_size: int = Field(64, ge=1, description="embeddings: inputs encoded together")
     # Admission (issue: throughput scheduling).
     rpm: int | None = Field(None, ge=1, description="requests per minute the upstream allows")

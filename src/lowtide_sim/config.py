@@ -36,6 +36,8 @@ class SimConfig:
     capacity_tokens_per_s: float = 0.0
     max_tokens_per_s_per_request: float = 50.0
     max_running: int = 0
+    prefill_tokens_per_s: float = 0.0
+    prefix_cache_tokens: int = 0
     latency_dist: str = "fixed"
     latency_sigma: float = 0.5
     # Files + Batch API (batches.py)
@@ -67,6 +69,8 @@ RUNTIME_FIELDS = frozenset(
         "capacity_tokens_per_s",
         "max_tokens_per_s_per_request",
         "max_running",
+        "prefill_tokens_per_s",
+        "prefix_cache_tokens",
         "latency_dist",
         "latency_sigma",
         "require_key",
@@ -89,7 +93,14 @@ RATE_FIELDS = (
     "batch_rate_expired",
     "batch_rate_drop",
 )
-INT_FIELDS = ("rpm", "tpm", "max_running", "batch_max_lines", "batch_token_limit")
+INT_FIELDS = (
+    "rpm",
+    "tpm",
+    "max_running",
+    "prefix_cache_tokens",
+    "batch_max_lines",
+    "batch_token_limit",
+)
 ENGINE_FIELDS = ("capacity_tokens_per_s", "max_tokens_per_s_per_request", "max_running")
 
 
@@ -228,6 +239,18 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
         type=_non_negative_int,
         default=0,
         help="requests decoding at once; the rest queue by priority (0: unlimited)",
+    )
+    p.add_argument(
+        "--prefill-tokens-per-s",
+        type=_non_negative,
+        default=0.0,
+        help="prompt tokens/s prefilled, one request at a time, before decoding (0: no prefill)",
+    )
+    p.add_argument(
+        "--prefix-cache-tokens",
+        type=_non_negative_int,
+        default=0,
+        help="prompt tokens kept in the prefix cache, LRU; cached ones skip prefill (0: none)",
     )
     b = p.add_argument_group("Files + Batch API")
     b.add_argument(

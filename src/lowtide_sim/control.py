@@ -24,10 +24,12 @@ async def _stats(request: web.Request) -> web.Response:
 
 
 async def _reset(request: web.Request) -> web.Response:
-    """Clear stats and rate-limit buckets, and reseed the RNG so a seeded run can be repeated."""
+    """Clear stats, rate-limit buckets and the prefix cache, and reseed the RNG so a seeded run
+    can be repeated."""
     state = request.app[STATE]
     state.stats = Stats()
     state.limiter.clear()
+    state.prefill.reset()
     state.rng.seed(state.config.seed)
     return json_response({"ok": True})
 

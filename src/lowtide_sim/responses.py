@@ -32,6 +32,7 @@ __all__ = [
     "MESSAGES",
     "RESPONSES",
     "Endpoint",
+    "note_cached",
 ]
 
 # Completion budget when a request names none (OpenAI's legacy default).
@@ -345,6 +346,8 @@ class Endpoint:
     out_fields: tuple[str, ...]  # empty: no generation (embeddings)
     sequences: Callable[[dict[str, Any]], int] = lambda body: 1
     anthropic: bool = False  # Anthropic's headers, auth and error envelope (server.py)
+    # The prompt's tokens in order, for the prefix cache (prefill.py); None: no prefill.
+    prompt_words: Callable[[dict[str, Any]], list[str]] | None = None
 
     def max_out(self, body: dict[str, Any]) -> int:
         if not self.out_fields:
@@ -353,13 +356,47 @@ class Endpoint:
         return DEFAULT_MAX_TOKENS if value is None else value
 
 
-CHAT = Endpoint(_chat, _chat_prompt, ("max_completion_tokens", "max_tokens"))
+CHAT = Endpoint(
+    _chat,
+    _chat_prompt,
+    ("max_completion_tokens", "max_tokens"),
+    prompt_words=lambda body: [
+        w for m in _chat_messages(body) for w in _text(m.get("content")).split()
+    ],
+)
 COMPLETIONS = Endpoint(
     _completion,
     _completion_prompt,
     ("max_tokens",),
     lambda body: len(_completion_prompts(body)),
+    prompt_words=lambda body: _text(_completion_prompts(body)[0]).split(),
 )
 EMBEDDINGS = Endpoint(_embedding, _embedding_prompt, ())
-RESPONSES = Endpoint(_response, _response_prompt, ("max_output_tokens",))
-MESSAGES = Endpoint(_message, _message_prompt, ("max_tokens",), anthropic=True)
+RESPONSES = Endpoint(
+    _response,
+    _response_prompt,
+    ("max_output_tokens",),
+    prompt_words=lambda body: _response_input(body)[1].split(),
+)
+MESSAGES = Endpoint(
+    _message,
+    _message_prompt,
+    ("max_tokens",),
+    anthropic=True,
+    prompt_words=lambda body: _anthropic_seen(body).split(),
+)
+
+
+def note_cached(payload: dict[str, Any], cached: int) -> None:
+    """Report ``cached`` prompt tokens in an answer's usage, in each API's own field."""
+    usage = payload.get("usage")
+    if not isinstance(usage, dict) or cached <= 0:
+        return
+    if "prompt_tokens" in usage:  # chat, completions
+        usage["prompt_tokens_details"] = {"cached_tokens": min(cached, usage["prompt_tokens"])}
+    elif isinstance(usage.get("input_tokens_details"), dict):  # responses
+        usage["input_tokens_details"]["cached_tokens"] = min(cached, usage["input_tokens"])
+    elif "cache_read_input_tokens" in usage:  # Anthropic: input_tokens excludes cache reads
+        cached = min(cached, usage["input_tokens"])
+        usage["cache_read_input_tokens"] = cached
+        usage["input_tokens"] -= cached

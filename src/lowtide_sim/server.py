@@ -21,7 +21,15 @@ from lowtide_sim.control import add_control_routes
 from lowtide_sim.errors import error_body, error_response, json_response
 from lowtide_sim.faults import DROP, HANG, MISSING_MODEL, delay_ms, draw_fault, requested_status
 from lowtide_sim.limits import limits_on
-from lowtide_sim.responses import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, RESPONSES, Endpoint
+from lowtide_sim.responses import (
+    CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
+    MESSAGES,
+    RESPONSES,
+    Endpoint,
+    note_cached,
+)
 from lowtide_sim.state import STATE, SimState
 
 __all__ = ["build_app", "serve"]
@@ -196,6 +204,14 @@ async def _answer(
             msg = "The server had an error while processing your request (simulated)."
         return str(fault), _error(endpoint, fault, msg, None, cfg, rid)
 
+    cached = 0
+    if endpoint.prompt_words is not None and state.prefill.active:
+        words = endpoint.prompt_words(body)
+        cached = await state.prefill.prefill(words)
+        state.metrics.prefix_cache_queries += len(words)
+        state.metrics.prefix_cache_hits += cached
+        state.stats.cached_tokens_total += cached
+
     n_out: int | None = None
     engine = state.engine
     if endpoint.out_fields and engine.active:
@@ -214,6 +230,7 @@ async def _answer(
     except (TypeError, ValueError, AttributeError, struct.error) as exc:
         msg = f"Invalid request body: {exc}"
         return "400", _error(endpoint, 400, msg, None, cfg, rid)
+    note_cached(payload, cached)
     _count_success(state, payload)
     return label, json_response(payload)
 

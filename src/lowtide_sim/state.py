@@ -9,13 +9,14 @@ from aiohttp import web
 from lowtide_sim.capacity import DecodeEngine
 from lowtide_sim.config import SimConfig
 from lowtide_sim.limits import RateLimiter
+from lowtide_sim.prefill import PrefillEngine
 from lowtide_sim.stats import Metrics, Stats
 
 __all__ = ["STATE", "SimState"]
 
 
 class SimState:
-    """Mutable per-app state: live config, seeded RNG for faults, stats, limits, engine."""
+    """Mutable per-app state: live config, seeded RNG for faults, stats, limits, prefill and decode engines."""
 
     def __init__(self, config: SimConfig) -> None:
         self.config = config
@@ -24,6 +25,7 @@ class SimState:
         self.metrics = Metrics()
         self.limiter = RateLimiter()
         self.engine = DecodeEngine(config)
+        self.prefill = PrefillEngine(config)
 
 
 STATE = web.AppKey("lowtide_sim_state", SimState)

@@ -3,7 +3,8 @@
 ``GET /metrics`` serves vLLM-style Prometheus metrics: gauges
 ``vllm:num_requests_running`` and ``vllm:num_requests_waiting`` and counters
 ``vllm:request_success_total`` (label ``finished_reason``),
-``vllm:prompt_tokens_total`` and ``vllm:generation_tokens_total``, all labelled
+``vllm:prompt_tokens_total``, ``vllm:generation_tokens_total``,
+``vllm:prefix_cache_queries_total`` and ``vllm:prefix_cache_hits_total``, all labelled
 ``model_name`` (the first of ``--models``).
 """
 
@@ -31,6 +32,7 @@ class Stats:
         self.rate_limited = 0
         self.prompt_tokens_total = 0
         self.completion_tokens_total = 0
+        self.cached_tokens_total = 0  # prompt tokens the prefix cache spared (prefill.py)
         # Files + Batch API. files_live is a gauge that batches.py keeps in sync (also after reset).
         self.batches_created = 0
         self.batches_cancelled = 0
@@ -63,6 +65,7 @@ class Stats:
             "rate_limited": self.rate_limited,
             "prompt_tokens_total": self.prompt_tokens_total,
             "completion_tokens_total": self.completion_tokens_total,
+            "cached_tokens_total": self.cached_tokens_total,
             "batches_created": self.batches_created,
             "batches_cancelled": self.batches_cancelled,
             "batch_lines": self.batch_lines,
@@ -80,6 +83,8 @@ class Metrics:
         self.success: Counter[str] = Counter()
         self.prompt_tokens = 0
         self.generation_tokens = 0
+        self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_cache_hits = 0  # of those, found there
 
 
 def _label(value: str) -> str:
@@ -111,5 +116,11 @@ def render_metrics(metrics: Metrics, model_name: str, running: int, waiting: int
         "# HELP vllm:generation_tokens_total Number of generation tokens processed.",
         "# TYPE vllm:generation_tokens_total counter",
         f"vllm:generation_tokens_total{{{model}}} {float(metrics.generation_tokens)}",
+        "# HELP vllm:prefix_cache_queries_total Prefix cache queries, in terms of tokens.",
+        "# TYPE vllm:prefix_cache_queries_total counter",
+        f"vllm:prefix_cache_queries_total{{{model}}} {float(metrics.prefix_cache_queries)}",
+        "# HELP vllm:prefix_cache_hits_total Prefix cache hits, in terms of tokens.",
+        "# TYPE vllm:prefix_cache_hits_total counter",
+        f"vllm:prefix_cache_hits_total{{{model}}} {float(metrics.prefix_cache_hits)}",
     ]
     return "\n".join(lines) + "\n"

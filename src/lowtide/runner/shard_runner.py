@@ -12,7 +12,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import orjson
 
@@ -21,6 +20,7 @@ from lowtide.ids import request_line_id
 from lowtide.runner import segment_lines
 from lowtide.runner.accounting import FinishedLine, replayed, tally
 from lowtide.runner.context import RunnerContext
+from lowtide.runner.prefix_groups import dispatch_order
 from lowtide.runner.rerun import parse_previous
 from lowtide.runner.results import usage_of
 from lowtide.runner.segment_lines import ResultLine
@@ -90,20 +90,22 @@ class ShardRun:
             await release_shard(self.ctx.db, claim, retry_at=retry_at)
 
     async def _dispatch(self, lines: list[bytes]) -> None:
-        """Start the lanes that run the shard's lines, in order: each takes the next line when
-        its last one is done, so at most a window of lines is in flight or waiting for
-        admission. (A lane per window slot, not a task per line: this is every line's path.)"""
+        """Start the lanes that run the shard's lines: each takes the next line when its last
+        one is done, so at most a window of lines is in flight or waiting for admission. (A
+        lane per window slot, not a task per line: this is every line's path.) Lines go in file
+        order, or grouped by prompt prefix where the route asks (prefix_groups.py)."""
         start, end = self.claim.committed, self.claim.request_count
         first = orjson.loads(lines[start]) if start < len(lines) else None
-        todo = iter(range(start, end))
-        for _ in range(min(self._window_size(first), end - start)):
+        route = self.ctx.router.route_for(str((first or {}).get("body", {}).get("model", "")))
+        if route is None or route.group_prefixes:
+            todo = iter(dispatch_order(lines, start, end))
+        else:
+            todo = iter(range(start, end))
+        window = min(1024, 2 * route.max_concurrency) if route else 64
+        for _ in range(min(window, end - start)):
             task = asyncio.create_task(self._lane(todo, lines))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-
-    def _window_size(self, first: dict[str, Any] | None) -> int:
-        route = self.ctx.router.route_for(str((first or {}).get("body", {}).get("model", "")))
-        return min(1024, 2 * route.max_concurrency) if route else 64
 
     async def _drain(self) -> None:
         if not self._tasks:

@@ -1,0 +1,56 @@
+"""The order a shard's lines go out in: lines that share a prompt prefix together.
+
+An upstream with a prefix cache (vLLM, SGLang, the embedded engine) skips the prefill of a
+prompt prefix it computed recently. A file that mixes several long instructions (an
+evaluation set of many tasks, rows sorted by date rather than by prompt) makes a cache of
+limited size evict each instruction before its next use; sending the lines of one instruction
+one after another keeps it warm. llm-d groups by system-prompt hash; Lowtide groups by the
+first ``KEY_BYTES`` bytes of the prompt as it stands in the line, short of the last message,
+found without parsing JSON (this runs for every line).
+
+Only the order of sending changes. Groups go out in the order of their first line, lines within
+a group in file order, and results are still committed as the shard's in-order prefix — so a
+shard holds more finished lines in memory before they commit (at most the shard).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+__all__ = ["KEY_BYTES", "dispatch_order", "prefix_key"]
+
+# Long enough to tell instructions apart, short enough to stay inside a shared instruction.
+KEY_BYTES = 256
+# Where a prompt starts in a request body, whichever API: the first of these keys in the line.
+_PROMPT_KEYS = (b'"system"', b'"instructions"', b'"messages"', b'"prompt"', b'"input"')
+
+
+def prefix_key(raw: bytes) -> bytes:
+    """The first bytes of a line's prompt (from its earliest prompt key on), short of its last
+    message when it has several (the system prompt, the examples: not the document), or b""
+    when it has none. A quoted key cannot occur inside a JSON string (its quotes would be
+    escaped)."""
+    body = max(raw.find(b'"body"'), 0)
+    at = -1
+    for key in _PROMPT_KEYS:
+        found = raw.find(key, body)
+        if found >= 0 and (at < 0 or found < at):
+            at = found
+    if at < 0:
+        return b""
+    end = at + KEY_BYTES
+    last = raw.rfind(b'"role"', at)
+    if last > at and raw.find(b'"role"', at) < last:  # two messages or more
+        end = min(end, last)
+    return raw[at:end]
+
+
+def dispatch_order(lines: Sequence[bytes], start: int, end: int) -> Iterable[int]:
+    """Indexes ``start..end`` of ``lines``, grouped by prefix key; file order when no key
+    repeats (or all are one)."""
+    groups: dict[bytes, list[int]] = {}
+    for index in range(start, end):
+        groups.setdefault(prefix_key(lines[index]), []).append(index)
+    if len(groups) <= 1 or len(groups) == end - start:
+        return range(start, end)
+    return [index for group in groups.values() for index in group]
