@@ -27,11 +27,10 @@ import random
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from processes import start_lowtide, stop  # noqa: E402
+from processes import start_lowtide, stop, timed_batch  # noqa: E402
 
 from lowtide_sim.launch import start_simulator  # noqa: E402
 
@@ -89,18 +88,9 @@ def input_file(lines: int, instructions: int, words: int) -> bytes:
 
 
 def run_batch(client, raw: bytes, model: str) -> dict:
-    data = raw.replace(b'"model": "MODEL"', f'"model": "{model}"'.encode())
-    f = client.files.create(file=("groups.jsonl", io.BytesIO(data)), purpose="batch")
-    started = time.perf_counter()
-    batch = client.batches.create(
-        input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+    batch, seconds = timed_batch(
+        client, raw.replace(b'"model": "MODEL"', f'"model": "{model}"'.encode())
     )
-    while batch.status not in ("completed", "failed", "expired", "cancelled"):
-        time.sleep(0.05)
-        batch = client.batches.retrieve(batch.id)
-    seconds = time.perf_counter() - started
-    if batch.status != "completed" or batch.request_counts.failed:
-        raise SystemExit(f"batch ended {batch.status}: {batch.request_counts}")
     usage = batch.usage
     cost = batch.model_extra["lowtide"]["cost"]
     return {

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import random
@@ -29,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from processes import start_lowtide, stop  # noqa: E402
+from processes import start_lowtide, stop, timed_batch  # noqa: E402
 
 from lowtide.config import ModelRoute  # noqa: E402
 from lowtide.engines.llamacpp import LlamaCppEngine  # noqa: E402
@@ -122,17 +121,7 @@ def run_batch(client, batch_bodies: list[dict]) -> Result:
         for i, body in enumerate(batch_bodies)
     ]
     raw = "".join(json.dumps(line) + "\n" for line in lines).encode()
-    f = client.files.create(file=("prefix.jsonl", io.BytesIO(raw)), purpose="batch")
-    started = time.perf_counter()
-    batch = client.batches.create(
-        input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
-    )
-    while batch.status not in ("completed", "failed", "expired", "cancelled"):
-        time.sleep(0.05)
-        batch = client.batches.retrieve(batch.id)
-    elapsed = time.perf_counter() - started
-    if batch.status != "completed" or batch.request_counts.failed:
-        raise SystemExit(f"batch ended {batch.status}: {batch.request_counts}")
+    batch, elapsed = timed_batch(client, raw)
     answers = {}
     for text in client.files.content(batch.output_file_id).text.splitlines():
         row = json.loads(text)

@@ -1,10 +1,11 @@
-"""Processes the benchmarks start: `lowtide serve` and `lowtide worker`.
+"""Processes the benchmarks start: `lowtide serve` and `lowtide worker`, and a batch run on them.
 
 The simulated upstream is started with lowtide_sim.launch.start_simulator.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
@@ -67,3 +68,18 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time the process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed_batch(client: OpenAI, raw: bytes, endpoint: str = "/v1/chat/completions"):
+    """Upload ``raw`` (JSONL), create a batch, poll until it ends; (batch, seconds from create
+    to ended). Anything but a fully completed batch stops the benchmark."""
+    f = client.files.create(file=("bench.jsonl", io.BytesIO(raw)), purpose="batch")
+    started = time.perf_counter()
+    batch = client.batches.create(input_file_id=f.id, endpoint=endpoint, completion_window="24h")
+    while batch.status not in ("completed", "failed", "expired", "cancelled"):
+        time.sleep(0.05)
+        batch = client.batches.retrieve(batch.id)
+    seconds = time.perf_counter() - started
+    if batch.status != "completed" or batch.request_counts.failed:
+        raise SystemExit(f"batch ended {batch.status}: {batch.request_counts}")
+    return batch, seconds
