@@ -15,8 +15,8 @@ loop, or the worker processes (the API's and the simulator's CPU are in their ow
 ...) so every row sees the same machine; each cell is the median.
 
     .venv/bin/python bench/workers.py [--workers 1,2,4] [--lines 20000] [--latency-ms 100]
-        [--concurrency 32] [--repeats 1] [--database-url postgresql://postgres@127.0.0.1]
-        [--no-bare]
+        [--concurrency 32] [--repeats 1] [--shard-lines 250]
+        [--database-url postgresql://postgres@127.0.0.1] [--no-bare]
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def run_once(args: argparse.Namespace, workers: int, input_path: Path, sim_url: 
     config = fresh_database(args.database_url) + (
         f'[[models]]\nname = "sim-model"\nengine = "openai"\nbase_url = "{sim_url}"\n'
         f"max_concurrency = {args.concurrency}\nadaptive = false\n"
-        "[batches]\nshard_lines = 250\n[worker]\nmax_active_shards = 4\n"
+        f"[batches]\nshard_lines = {args.shard_lines}\n[worker]\nmax_active_shards = 4\n"
     )
     with tempfile.TemporaryDirectory(prefix="lowtide-bench-workers-") as tmp:
         data = Path(tmp)
@@ -126,6 +126,9 @@ def main() -> None:
     p.add_argument("--latency-ms", type=float, default=100.0)
     p.add_argument("--concurrency", type=int, default=32, help="in-flight requests per worker")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument(
+        "--shard-lines", type=int, default=250, help="lines per shard (server default: 1000)"
+    )
     p.add_argument("--database-url", help="PostgreSQL server URL (no database name)")
     p.add_argument("--no-bare", action="store_true", help="skip the bare aiohttp baseline row")
     args = p.parse_args()
@@ -133,7 +136,7 @@ def main() -> None:
     sim = start_simulator("--latency-ms", str(args.latency_ms))
     print(
         f"{os.cpu_count()} CPUs; {args.lines} lines; upstream latency {args.latency_ms:g} ms; "
-        f"{args.concurrency} in flight per worker; "
+        f"{args.concurrency} in flight per worker; {args.shard_lines} lines a shard; "
         f"store: {'PostgreSQL' if args.database_url else 'SQLite'} + local folder"
     )
     print(

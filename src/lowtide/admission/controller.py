@@ -118,16 +118,20 @@ class RouteController:
         self._grant(permit, self._queue(batch, weight))
         return permit
 
-    async def acquire(self, batch: str, weight: float, cost: int) -> Permit:
-        permit = self.try_acquire(batch, weight, cost)
-        if permit is not None:
-            return permit
+    async def acquire(self, batch: str, weight: float, cost: int, *, tried: bool = False) -> Permit:
+        """A permit, once there is room and it is this batch's turn. (`tried`: the caller's
+        try_acquire just failed, with nothing awaited since: no need to try again.)"""
+        if not tried:
+            permit = self.try_acquire(batch, weight, cost)
+            if permit is not None:
+                return permit
         permit = Permit(batch, cost)
         future: asyncio.Future[Permit] = asyncio.get_running_loop().create_future()
         queue = self._queue(batch, weight)
         queue.waiters.append(_Waiter(permit, future))
         self._waiting += 1
-        self._serve_waiters()
+        if self.in_flight < self.window.limit:  # a full window grants nothing: a release will
+            self._serve_waiters()
         try:
             return await future
         except asyncio.CancelledError:

@@ -11,6 +11,8 @@ import time
 
 
 class ConcurrencyWindow:
+    limit: int  # the window in whole requests: int(size), kept by the size setter
+
     def __init__(
         self,
         initial: int,
@@ -33,8 +35,13 @@ class ConcurrencyWindow:
         self.tolerance = 1.2
 
     @property
-    def limit(self) -> int:
-        return int(self.size)
+    def size(self) -> float:
+        return self._size
+
+    @size.setter
+    def size(self, value: float) -> None:
+        self._size = value
+        self.limit = int(value)  # read on every request's admission: kept, not computed
 
     def on_success(self, latency: float, in_flight: int, tokens: int = 0) -> None:
         self.latency_ewma = (

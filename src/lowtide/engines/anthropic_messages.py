@@ -138,6 +138,10 @@ class MessagesOverChat(Engine):
     async def start(self) -> None:
         await self.inner.start()
 
+    def for_endpoint(self, endpoint: str) -> Engine:
+        """Only Messages lines need the translation: the others go to the inner engine."""
+        return self if endpoint == MESSAGES_ENDPOINT else self.inner.for_endpoint(endpoint)
+
     async def execute(self, endpoint: str, body: dict[str, Any]) -> EngineResponse:
         if endpoint != MESSAGES_ENDPOINT:
             return await self.inner.execute(endpoint, body)

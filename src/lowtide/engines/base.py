@@ -54,6 +54,11 @@ class Engine(ABC):
     async def execute(self, endpoint: str, body: dict[str, Any]) -> EngineResponse:
         """Run one request. Raise TransientEngineError for failures worth retrying."""
 
+    def for_endpoint(self, endpoint: str) -> Engine:
+        """The engine that runs this endpoint's requests: itself, or the engine a wrapper
+        would only pass them through to (looked up once per line, not a layer per request)."""
+        return self
+
     def count_input_tokens(self, endpoint: str, bodies: list[dict[str, Any]]) -> list[int] | None:
         """Each request's input tokens exactly as this engine will report them in `usage`, or
         None when it has no tokenizer here (an upstream; the caller then approximates).

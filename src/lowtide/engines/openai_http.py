@@ -110,14 +110,17 @@ class OpenAIHttpEngine(Engine):
             text = raw[:2000].decode("utf-8", "replace")
             message = f"Upstream answered HTTP {status} with a non-JSON body: {text}"
             parsed = error_response(status, message, type="upstream_error").body
+        limits = {}  # the rate-limit headers, in one pass over the answer's headers
+        for key, value in headers.items():
+            key = key.lower()
+            if key.startswith(_LIMIT_HEADERS):
+                limits[key] = value
         return EngineResponse(
             status_code=status,
             body=parsed,
             request_id=headers.get("x-request-id") or headers.get("request-id"),
             retry_after=parse_retry_after(headers),
-            headers={
-                k.lower(): v for k, v in headers.items() if k.lower().startswith(_LIMIT_HEADERS)
-            },
+            headers=limits,
         )
 
     async def close(self) -> None:

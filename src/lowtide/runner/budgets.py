@@ -76,6 +76,12 @@ class DailySpend:
         self._config = config
         self._seen: dict[str, tuple[float, float]] = {}  # project -> (looked at, spent)
 
+    def limited(self, project: str) -> bool:
+        """Whether the project has a daily budget at all (most have none: then every line
+        skips the look, and its await)."""
+        limits = self._config.projects.get(project)
+        return limits is not None and limits.max_cost_per_day is not None
+
     async def over_budget(self, project: str) -> str | None:
         """Why the project's lines must wait now, or None."""
         limits = self._config.projects.get(project)

@@ -25,7 +25,7 @@ from lowtide.store.database import Database
 from lowtide.store.files import blob_key_of
 from lowtide.store.leases import BatchTask
 from lowtide.store.rows import BatchRow, Counts, FileRow, ShardRow
-from lowtide.store.segments import batch_counts, publish_batch, segments_of, shards_of
+from lowtide.store.segments import batch_counts, publish_batch, segments_by_shard, shards_of
 from lowtide.vocabulary import BatchStatus, FilePurpose, ShardStatus, StopReason
 
 _FLUSH_BYTES = 1 << 20
@@ -69,8 +69,9 @@ async def finalize_batch(db: Database, blobs: BlobStore, task: BatchTask) -> boo
         shards = await shards_of(db, batch.id)
         input_key = await blob_key_of(db, batch.input_file_id) if shards else ""
         kept = Counts()  # lines a stopped rerun never replayed: they keep their results
+        by_shard = await segments_by_shard(db, batch.id) if shards else {}
         for shard in shards:
-            for segment in await segments_of(db, batch.id, shard.idx):
+            for segment in by_shard.get(shard.idx, []):
                 segment_keys.append(segment.blob_key)
                 results = list(segment_lines.decode(await blobs.read(segment.blob_key)))
                 if len(results) != segment.count:

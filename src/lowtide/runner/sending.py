@@ -70,7 +70,7 @@ class LineSender:
             message = f"The model '{route.name}' does not serve {self.batch.endpoint} here."
             return unanswered(error_line(line_id, custom_id, "unsupported_endpoint", message))
         try:
-            engine = self.ctx.router.engine_for(route)
+            engine = self.ctx.router.engine_for(route).for_endpoint(self.batch.endpoint)
         except Exception as exc:  # a misconfigured route fails its lines, never the shard
             message = f"The engine for '{route.name}' could not be created: {exc}"
             return unanswered(error_line(line_id, custom_id, "engine_error", message))
@@ -169,8 +169,9 @@ class LineSender:
     async def _permit(self, controller: RouteController, cost: int) -> Permit | None:
         """Wait for admission; None if the shard stopped meanwhile (then the line never starts:
         after a cancel only requests already sent may finish)."""
-        if self.ctx.spend is not None:
-            while reason := await self.ctx.spend.over_budget(self.batch.project):
+        spend = self.ctx.spend
+        if spend is not None and spend.limited(self.batch.project):
+            while reason := await spend.over_budget(self.batch.project):
                 await self.ctx.note_paused(self.batch.batch_id, reason)
                 if self.halt.stopping or self.halt.lost:
                     return None
@@ -185,7 +186,7 @@ class LineSender:
         assert task is not None
         self.queued.add(task)
         try:
-            permit = await controller.acquire(self.batch.batch_id, weight, cost)
+            permit = await controller.acquire(self.batch.batch_id, weight, cost, tried=True)
         finally:
             self.queued.discard(task)
         if self.halt.stopping or self.halt.lost:

@@ -84,8 +84,11 @@ class WebhookSender:
     async def tick(self, now: float) -> None:
         """Fan new events out and start the deliveries that are due; never raises."""
         try:
-            await self._fan_out(now)
-            await self._claim(now)
+            events, due = await outbox.work_due(self.db, now)
+            if events:
+                await self._fan_out(now)
+            if events or due:
+                await self._claim(now)
         except Exception:
             log.exception("webhook delivery tick failed")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 from sqlalchemy import and_, delete, exists, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -105,8 +107,21 @@ async def known_file_ids(db: Database, file_ids: list[str]) -> set[str]:
 
 
 async def blob_key_of(db: Database, file_id: str) -> str:
-    """The blob of a file even if it was deleted after a batch started reading it."""
+    """The blob of a file even if it was deleted after a batch started reading it.
+
+    A file's blob key never changes, and every shard of a batch asks for its input's: the
+    answer is remembered per database (a few recent files), not read again per shard."""
+    known = _blob_keys.setdefault(db, {})
+    key = known.get(file_id)
+    if key is not None:
+        return key
     row = await get_file_any_state(db, file_id)
     if row is None:
         raise LookupError(f"file {file_id} has no row")
+    if len(known) >= 64:
+        known.clear()
+    known[file_id] = row.blob_key
     return row.blob_key
+
+
+_blob_keys: weakref.WeakKeyDictionary[Database, dict[str, str]] = weakref.WeakKeyDictionary()

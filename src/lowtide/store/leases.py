@@ -13,7 +13,19 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import and_, case, exists, func, or_, select, tuple_, update
+from sqlalchemy import (
+    Float,
+    Integer,
+    and_,
+    bindparam,
+    case,
+    exists,
+    func,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 
 from lowtide.store.database import Database
 from lowtide.store.rows import BatchRow
@@ -102,29 +114,43 @@ def _live_shard(now: float):  # type: ignore[no-untyped-def]
     )
 
 
-async def mark_expired(db: Database, now: float) -> list[str]:
-    """Flag batches whose completion window has closed; their shards stop and finalize runs."""
+def _expiry_due():  # type: ignore[no-untyped-def]
     every_shard_done = ~_unfinished_work()
-    due = and_(
+    return and_(
         batches.c.status.in_(STOPPABLE),
         batches.c.stop_reason.is_(None),
-        batches.c.expires_at <= int(now),
+        batches.c.expires_at <= bindparam("now", type_=Integer),
         # a batch whose every line finished completes, even if finalize has not started yet
         ~and_(batches.c.status == BatchStatus.IN_PROGRESS, every_shard_done),
     )
+
+
+_EXPIRY_DUE = _expiry_due()
+_EXPIRED = select(batches.c.id).where(_EXPIRY_DUE)  # built once: asked every second
+
+
+async def mark_expired(db: Database, now: float) -> list[str]:
+    """Flag batches whose completion window has closed; their shards stop and finalize runs."""
+    params = {"now": int(now)}
+    # Look first without the write lock: almost always, nothing has expired.
+    async with db.read() as conn:
+        if (await conn.execute(_EXPIRED, params)).first() is None:
+            return []
     async with db.write() as conn:
-        ids = list((await conn.execute(select(batches.c.id).where(due))).scalars())
+        ids = list((await conn.execute(_EXPIRED, params)).scalars())
         if ids:
             await conn.execute(
                 update(batches)
-                .where(batches.c.id.in_(ids), due)
-                .values(stop_reason=StopReason.EXPIRED)
+                .where(batches.c.id.in_(ids), _EXPIRY_DUE)
+                .values(stop_reason=StopReason.EXPIRED),
+                params,
             )
     return ids
 
 
-async def claim_batch_task(db: Database, worker: str, now: float, lease: float) -> BatchTask | None:
-    """Claim one batch that needs validating or finalizing."""
+def _batch_task_query():  # type: ignore[no-untyped-def]
+    """The batch-task claim query, built once (it runs on every tick); parameter: now."""
+    now = bindparam("now", type_=Float)
     unfinished_shard = _unfinished_work()
     stopped = batches.c.stop_reason.is_not(None)
     validate = and_(batches.c.status == BatchStatus.VALIDATING, ~stopped)
@@ -144,15 +170,21 @@ async def claim_batch_task(db: Database, worker: str, now: float, lease: float) 
         ),
     )
     rerun = and_(batches.c.status.in_((BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING)), planning)
+    return (
+        select(batches)
+        .where(_free(batches, now), or_(validate, rerun, finalize))
+        .order_by(batches.c.seq)
+        .limit(1)
+    )
+
+
+_BATCH_TASK_QUERY = _batch_task_query()
+
+
+async def claim_batch_task(db: Database, worker: str, now: float, lease: float) -> BatchTask | None:
+    """Claim one batch that needs validating or finalizing."""
     async with db.write() as conn:
-        row = (
-            await conn.execute(
-                select(batches)
-                .where(_free(batches, now), or_(validate, rerun, finalize))
-                .order_by(batches.c.seq)
-                .limit(1)
-            )
-        ).first()
+        row = (await conn.execute(_BATCH_TASK_QUERY, {"now": now})).first()
         if row is None:
             return None
         batch = BatchRow.from_row(row)
@@ -216,21 +248,11 @@ async def release_batch_lease(
         )
 
 
-async def claim_shards(
-    db: Database,
-    worker: str,
-    now: float,
-    lease: float,
-    limit: int,
-    *,
-    idle_batches_only: bool = False,
-) -> list[ShardClaim]:
-    """Claim up to `limit` runnable shards: every batch's first shard before any batch's second.
-
-    Among shards of equal rank, higher priority goes first, then the batch whose completion
-    window closes first. With `idle_batches_only`, only batches with no shard running anywhere
-    are considered: that is how a new batch gets a worker even while a big one fills them all.
-    """
+def _claim_query(idle_batches_only: bool):  # type: ignore[no-untyped-def]
+    """The claim query, built once per kind: it runs on every tick, and building and keying a
+    statement this size costs more CPU than SQLite takes to run it. Parameters: now, max_rank
+    (the shards per batch considered), candidates (rows returned)."""
+    now = bindparam("now", type_=Float)
     claimable = and_(
         # pending (and not backing off), or running under a lease that has run out
         shards.c.status.in_((ShardStatus.PENDING, ShardStatus.RUNNING)),
@@ -269,15 +291,43 @@ async def claim_shards(
         .where(claimable)
         .subquery()
     )
-    query = (
+    return (
         select(ranked)
-        .where(ranked.c.rank <= (1 if idle_batches_only else limit))
+        .where(ranked.c.rank <= bindparam("max_rank", type_=Integer))
         .order_by(ranked.c.rank, ranked.c.urgency, ranked.c.expires_at, ranked.c.seq)
-        .limit(limit * 4)
+        .limit(bindparam("candidates", type_=Integer))
     )
+
+
+_CLAIM_QUERIES = {kind: _claim_query(kind) for kind in (False, True)}
+# One shard's claim: a compare-and-set on its epoch (values bound per call).
+_CLAIM_SHARD = update(shards).where(
+    shards.c.batch_id == bindparam("b_batch_id"),
+    shards.c.idx == bindparam("b_idx"),
+    shards.c.lease_epoch == bindparam("b_epoch"),
+)
+
+
+async def claim_shards(
+    db: Database,
+    worker: str,
+    now: float,
+    lease: float,
+    limit: int,
+    *,
+    idle_batches_only: bool = False,
+) -> list[ShardClaim]:
+    """Claim up to `limit` runnable shards: every batch's first shard before any batch's second.
+
+    Among shards of equal rank, higher priority goes first, then the batch whose completion
+    window closes first. With `idle_batches_only`, only batches with no shard running anywhere
+    are considered: that is how a new batch gets a worker even while a big one fills them all.
+    """
+    query = _CLAIM_QUERIES[idle_batches_only]
+    params = {"now": now, "max_rank": 1 if idle_batches_only else limit, "candidates": limit * 4}
     claims: list[ShardClaim] = []
     async with db.write() as conn:
-        candidates = (await conn.execute(query)).all()
+        candidates = (await conn.execute(query, params)).all()
         if candidates and not db.is_sqlite:
             # PostgreSQL: skip shards another worker is claiming right now instead of queueing
             # behind its row locks (SQLite has one writer at a time anyway).
@@ -294,18 +344,16 @@ async def claim_shards(
                 break
             epoch = row.lease_epoch + 1
             result = await conn.execute(
-                update(shards)
-                .where(
-                    shards.c.batch_id == row.batch_id,
-                    shards.c.idx == row.idx,
-                    shards.c.lease_epoch == row.lease_epoch,
-                )
-                .values(
-                    status=ShardStatus.RUNNING,
-                    lease_owner=worker,
-                    lease_expires_at=now + lease,
-                    lease_epoch=epoch,
-                )
+                _CLAIM_SHARD,
+                {
+                    "b_batch_id": row.batch_id,
+                    "b_idx": row.idx,
+                    "b_epoch": row.lease_epoch,
+                    "status": ShardStatus.RUNNING,
+                    "lease_owner": worker,
+                    "lease_expires_at": now + lease,
+                    "lease_epoch": epoch,
+                },
             )
             if result.rowcount == 1:
                 claims.append(

@@ -7,11 +7,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import bindparam, delete, insert, select, update
 
 from lowtide.store.database import Database
 from lowtide.store.files import insert_file
-from lowtide.store.leases import ShardClaim, held
+from lowtide.store.leases import ShardClaim
 from lowtide.store.rows import COUNT_COLUMNS, Counts, FileRow, SegmentRow, ShardRow
 from lowtide.store.schema import batches, count_sums, segments, shards, upstream_chunks
 from lowtide.store.usage import UsageDelta, add_usage, day_of
@@ -29,6 +29,31 @@ class Segment:
     counts: Counts
 
 
+def _commit_statement(done: bool):  # type: ignore[no-untyped-def]
+    """A segment's commit: the shard row moves its prefix on and adds the segment's counts,
+    if the lease (batch, idx, epoch) still holds and the prefix is where the segment starts.
+    Built once per kind: it runs with every segment."""
+    values: dict[str, Any] = {"committed": bindparam("new_committed")}
+    for name in COUNT_COLUMNS:
+        values[name] = shards.c[name] + bindparam(f"d_{name}", type_=shards.c[name].type)
+    if done:
+        values.update(status=ShardStatus.DONE, lease_owner=None, lease_expires_at=None)
+    return (
+        update(shards)
+        .where(
+            shards.c.batch_id == bindparam("h_batch_id"),
+            shards.c.idx == bindparam("h_idx"),
+            shards.c.lease_epoch == bindparam("h_epoch"),
+            shards.c.committed == bindparam("h_first"),
+        )
+        .values(**values)
+    )
+
+
+_COMMITS = {done: _commit_statement(done) for done in (False, True)}
+_INSERT_SEGMENT = insert(segments)
+
+
 async def commit_segment(
     db: Database,
     claim: ShardClaim,
@@ -42,27 +67,30 @@ async def commit_segment(
 
     Its usage goes into the project's daily ledger in the same transaction, so counts, cost and
     ledger can never disagree with the files, whatever crashes."""
-    values: dict[str, Any] = {"committed": segment.first + segment.lines}
+    params: dict[str, Any] = {
+        "h_batch_id": claim.batch_id,
+        "h_idx": claim.idx,
+        "h_epoch": claim.epoch,
+        "h_first": segment.first,
+        "new_committed": segment.first + segment.lines,
+    }
     for name in COUNT_COLUMNS:
-        values[name] = shards.c[name] + getattr(segment.counts, name)
-    if done:
-        values.update(status=ShardStatus.DONE, lease_owner=None, lease_expires_at=None)
+        params[f"d_{name}"] = getattr(segment.counts, name)
     async with db.write() as conn:
-        result = await conn.execute(
-            update(shards).where(held(claim), shards.c.committed == segment.first).values(**values)
-        )
+        result = await conn.execute(_COMMITS[done], params)
         if result.rowcount != 1:
             return False
         await add_usage(conn, claim.project, day_of(now or time.time()), usage or [])
         if segment.lines:
             await conn.execute(
-                insert(segments).values(
-                    batch_id=claim.batch_id,
-                    shard_idx=claim.idx,
-                    first=segment.first,
-                    count=segment.lines,
-                    blob_key=segment.blob_key,
-                )
+                _INSERT_SEGMENT,
+                {
+                    "batch_id": claim.batch_id,
+                    "shard_idx": claim.idx,
+                    "first": segment.first,
+                    "count": segment.lines,
+                    "blob_key": segment.blob_key,
+                },
             )
     return True
 
@@ -87,6 +115,23 @@ async def segments_of(db: Database, batch_id: str, shard_idx: int) -> list[Segme
             )
         ).all()
     return [SegmentRow.from_row(r) for r in rows]
+
+
+async def segments_by_shard(db: Database, batch_id: str) -> dict[int, list[SegmentRow]]:
+    """Every segment of the batch, by shard, each shard's in order: one query, not one a shard."""
+    async with db.read() as conn:
+        rows = (
+            await conn.execute(
+                select(segments)
+                .where(segments.c.batch_id == batch_id)
+                .order_by(segments.c.shard_idx, segments.c.first)
+            )
+        ).all()
+    out: dict[int, list[SegmentRow]] = {}
+    for r in rows:
+        segment = SegmentRow.from_row(r)
+        out.setdefault(segment.shard_idx, []).append(segment)
+    return out
 
 
 async def batch_counts(db: Database, batch_id: str) -> Counts:

@@ -52,7 +52,6 @@ async def add_usage(
     """Add to the ledger inside the caller's transaction (the segment commit)."""
     if not deltas:
         return
-    insert = sqlite_insert if conn.dialect.name == "sqlite" else pg_insert
     rows = [
         {
             "project": project,
@@ -63,12 +62,23 @@ async def add_usage(
         }
         for d in deltas
     ]
-    statement = insert(usage_daily).values(rows)
-    statement = statement.on_conflict_do_update(
-        index_elements=["project", "day", "model", "endpoint"],
-        set_={name: usage_daily.c[name] + statement.excluded[name] for name in _SUMS},
-    )
-    await conn.execute(statement)
+    await conn.execute(_upsert(conn.dialect.name), rows)
+
+
+_UPSERTS: dict[str, Any] = {}
+
+
+def _upsert(dialect: str) -> Any:
+    """The ledger's upsert, built once per dialect (it runs with every segment commit)."""
+    statement = _UPSERTS.get(dialect)
+    if statement is None:
+        insert = sqlite_insert if dialect == "sqlite" else pg_insert
+        statement = insert(usage_daily)
+        statement = _UPSERTS[dialect] = statement.on_conflict_do_update(
+            index_elements=["project", "day", "model", "endpoint"],
+            set_={name: usage_daily.c[name] + statement.excluded[name] for name in _SUMS},
+        )
+    return statement
 
 
 async def usage_rows(

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import and_, insert, literal, or_, select, update
+from sqlalchemy import Float, and_, bindparam, exists, insert, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from lowtide.ids import new_event_id
@@ -161,6 +161,21 @@ def _claimable(now: float):  # type: ignore[no-untyped-def]
             webhook_deliveries.c.lease_expires_at < now,
         ),
     )
+
+
+# Is there anything to do at all? One look for both kinds of work, every tick: on a busy
+# worker the answer is almost always no, and then nothing else is asked.
+_WORK_DUE = select(
+    exists().where(webhook_events.c.fanned_out == 0).label("events"),
+    exists().where(_claimable(bindparam("now", type_=Float))).label("deliveries"),
+)
+
+
+async def work_due(db: Database, now: float) -> tuple[bool, bool]:
+    """(events not fanned out yet, deliveries due now)."""
+    async with db.read() as conn:
+        row = (await conn.execute(_WORK_DUE, {"now": now})).one()
+    return bool(row.events), bool(row.deliveries)
 
 
 async def claim_deliveries(
