@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 from openai import OpenAI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from processes import start_lowtide, stop  # noqa: E402
+from processes import start_lowtide, stop, timed_batch  # noqa: E402
 
 from lowtide.config import ModelRoute  # noqa: E402
 from lowtide.engines.embeddings import load_encoder
@@ -86,15 +85,7 @@ def bench_ceiling(texts: list[str], tokens: int, cache: Path) -> float:
 
 def _run_batch(client: OpenAI, lines: list[dict], endpoint: str) -> tuple[float, object]:
     raw = "".join(json.dumps(line) + "\n" for line in lines).encode()
-    f = client.files.create(file=("bench.jsonl", io.BytesIO(raw)), purpose="batch")
-    started = time.perf_counter()
-    batch = client.batches.create(input_file_id=f.id, endpoint=endpoint, completion_window="24h")
-    while batch.status not in ("completed", "failed", "expired", "cancelled"):
-        time.sleep(0.05)
-        batch = client.batches.retrieve(batch.id)
-    elapsed = time.perf_counter() - started
-    if batch.status != "completed" or batch.request_counts.failed:
-        raise SystemExit(f"batch ended {batch.status}: {batch.request_counts}")
+    batch, elapsed = timed_batch(client, raw, endpoint)
     return elapsed, batch
 
 

@@ -4,6 +4,7 @@ through the engine's own batching, padding and length-sorting; the built graph i
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 
 import numpy as np
@@ -109,3 +110,19 @@ def test_embeddings_encoder_choice(monkeypatch):
     monkeypatch.setenv("LOWTIDE_EMBEDDINGS_ENCODER", "torch")
     with pytest.raises(ValueError):
         load_encoder(FOLDER)
+
+
+def test_embeddings_onnx_graph_choice_is_timed_once_and_remembered(tmp_path):
+    """Without q8 given, the faster graph on this CPU is chosen and the choice kept on disk; a
+    later load reads it instead of timing again (here: a choice edited by hand is obeyed)."""
+    first = OnnxSentenceEncoder(FOLDER, tmp_path, threads=1)
+    (choice,) = tmp_path.glob("choice.*.json")
+    recorded = json.loads(choice.read_text())
+    assert recorded["q8"] is first.q8
+    assert recorded["ms"]["q8"] > 0 and recorded["ms"]["f32"] > 0
+    choice.write_text(json.dumps({**recorded, "q8": not first.q8}))
+    second = OnnxSentenceEncoder(FOLDER, tmp_path, threads=1)
+    assert second.q8 is (not first.q8)
+    ids = second.tokenize(["A man is eating food.", "A man is eating a piece of bread."])
+    a, b = second.encode_ids(ids)
+    assert abs(float(a @ b) - 0.7553) < 0.002

@@ -515,7 +515,7 @@ def default_routes() -> list[ModelRoute]:
     """What a fresh install serves with no configuration at all: two small CPU models, and echo."""
     return [
         ModelRoute(name="SmolLM2-135M-Instruct", engine="llamacpp", max_concurrency=64),
-        ModelRoute(name="all-MiniLM-L6-v2", engine="embeddings", max_concurrency=64),
+        ModelRoute(name="all-MiniLM-L6-v2", engine="embeddings", max_concurrency=256),
         ModelRoute(name="lowtide-echo", engine="echo", max_concurrency=1024),
     ]
 

@@ -87,6 +87,8 @@ def load_tokenizer(folder: Path):  # type: ignore[no-untyped-def]
 class BertSentenceEncoder:
     """Mean-pooled, L2-normalised sentence embeddings, as sentence-transformers computes them."""
 
+    concurrent = False  # numpy's BLAS threads take every core already: one call at a time
+
     def __init__(self, folder: Path) -> None:
         from safetensors.numpy import load_file
 

@@ -7,12 +7,15 @@ export of the sentence-transformers model gives (Gather, MatMul, Softmax, Erf,
 LayerNormalization; mean pooling over the real tokens and L2 normalisation in the graph), which
 ONNX Runtime's graph optimizer fuses into its transformer kernels.
 
-With `q8` (the default) the attention-output and feed-forward products — two thirds of the
-multiply-adds — run as ONNX Runtime's `MatMulNBits` on weights quantized to 8 bits by blocks of
-16 (a scale per block), its activations quantized by blocks too (int8 dot products); the Q/K/V
-projections, whose error the attention scores amplify, stay float32. Against the float32
-model that keeps every vector's cosine above 0.9995 (the tests check >= 0.999) for 10-20%
-more throughput core for core (bench/embeddings.py). `q8=False` is the plain float32 export, which the benchmark runs beside it.
+Two graphs, the same vectors: `q8=False` is the plain float32 export; with `q8=True` the
+attention-output and feed-forward products — two thirds of the multiply-adds — run as ONNX
+Runtime's `MatMulNBits` on weights quantized to 8 bits by blocks of 16 (a scale per block), its
+activations quantized by blocks too (int8 dot products); the Q/K/V projections, whose error the
+attention scores amplify, stay float32. Against the float32 model that keeps every vector's
+cosine above 0.9995 (the tests check >= 0.999). Which one is faster depends on the CPU: with
+int8 dot-product instructions (VNNI) the 8-bit graph gained 10-20%; on AVX2 alone (AMD Zen 3)
+ONNX Runtime's 8-bit kernel is ~1.6x slower than float32. So by default (`q8=None`) both are
+timed once on this machine and the faster one is kept, the choice cached beside the graphs.
 
 The built graph (~91 MB) is written once to the cache folder, named after a digest of the
 weights file, the config and the builder version, so a changed model or builder builds anew; a
@@ -256,35 +259,94 @@ def prepare_graph(folder: Path, cache_dir: Path | None, q8: bool = True) -> byte
     return target
 
 
+def _session(graph: bytes | Path, threads: int) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Spinning threads would take the core the event loop needs between batches.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    source = str(graph) if isinstance(graph, Path) else graph
+    return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def _faster_is_q8(folder: Path, cache_dir: Path | None, threads: int) -> bool:
+    """Whether the 8-bit graph encodes faster than float32 here: timed once on a batch of 64
+    short texts (best of 3, interleaved), remembered in the cache folder for this CPU model and
+    ONNX Runtime version. The 8-bit graph must win by 5% to be chosen: float32 is exact."""
+    import onnxruntime as ort
+
+    key = hashlib.sha256(
+        f"{_digest(folder, True)}{_digest(folder, False)}{_cpu_model()}{ort.__version__}{threads}".encode()
+    ).hexdigest()[:16]
+    remembered = cache_dir / f"choice.{key}.json" if cache_dir is not None else None
+    if remembered is not None and remembered.exists():
+        try:
+            return bool(json.loads(remembered.read_text())["q8"])
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable: measure again
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1000, 20000, size=(64, 16), dtype=np.int32)
+    ids[:, 0], ids[:, -1] = 101, 102  # [CLS] ... [SEP]
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    sessions = {q8: _session(prepare_graph(folder, cache_dir, q8), threads) for q8 in (True, False)}
+    best = {q8: float("inf") for q8 in sessions}
+    for round_ in range(4):
+        for q8, session in sessions.items():
+            started = time.perf_counter()
+            session.run(["embeddings"], feed)
+            if round_:  # the first round warms up
+                best[q8] = min(best[q8], time.perf_counter() - started)
+    choice = best[True] < 0.95 * best[False]
+    log.info(
+        "embeddings: 8-bit graph %.1f ms, float32 %.1f ms a batch of 64 on %s: using %s",
+        best[True] * 1000,
+        best[False] * 1000,
+        _cpu_model(),
+        "8-bit" if choice else "float32",
+    )
+    if remembered is not None:
+        tmp = remembered.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"q8": choice, "ms": {"q8": best[True], "f32": best[False]}}))
+        os.replace(tmp, remembered)
+    return choice
+
+
 class OnnxSentenceEncoder:
     """The same interface and vectors as `bert.BertSentenceEncoder`, on ONNX Runtime."""
+
+    concurrent = True  # encode_ids may run on several threads at once (one session, thread-safe)
 
     def __init__(
         self,
         folder: Path,
         cache_dir: Path | None = None,
-        q8: bool = True,
+        q8: bool | None = None,
         threads: int | None = None,
     ) -> None:
-        import onnxruntime as ort
-
         config = json.loads((folder / "config.json").read_text())
         self.tokenizer = load_tokenizer(folder)
         self.max_tokens = self.tokenizer.truncation["max_length"]
         self.dim = int(config["hidden_size"])
-        graph = prepare_graph(folder, cache_dir, q8)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # Spinning threads would take the core the event loop needs between batches.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.log_severity_level = 3
-        source = str(graph) if isinstance(graph, Path) else graph
-        self._session = ort.InferenceSession(
-            source, sess_options=options, providers=["CPUExecutionProvider"]
-        )
+        threads = threads or os.cpu_count() or 1
+        if q8 is None:
+            q8 = _faster_is_q8(folder, cache_dir, threads)
+        self.q8 = q8
+        self._session = _session(prepare_graph(folder, cache_dir, q8), threads)
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         return [enc.ids for enc in self.tokenizer.encode_batch(texts)]

@@ -64,7 +64,7 @@ class EmbeddingsEngine(Engine):
         self._load_lock = asyncio.Lock()
         self._pending = _Pending()
         self._wake: asyncio.Event | None = None
-        self._runner: asyncio.Task[None] | None = None
+        self._runners: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         async with self._load_lock:
@@ -73,7 +73,9 @@ class EmbeddingsEngine(Engine):
             try:
                 folder = self._folder()
                 started = time.monotonic()
-                self._encoder = await asyncio.to_thread(load_encoder, folder, self._cache_dir)
+                self._encoder = await asyncio.to_thread(
+                    load_encoder, folder, self._cache_dir, threads=1
+                )
                 log.info(
                     "loaded embeddings model %s from %s in %.2fs (%s)",
                     self.name,
@@ -86,7 +88,11 @@ class EmbeddingsEngine(Engine):
                 log.error(self._load_error)
                 return
             self._wake = asyncio.Event()
-            self._runner = asyncio.create_task(self._run_batches())
+            # ONNX Runtime: one single-threaded run per core, side by side. Two threads splitting
+            # each operator wait for each other at every step, and the event loop's share of a
+            # core stalls both; whole batches in parallel lose nothing to it (bench/embeddings.py).
+            calls = (os.cpu_count() or 1) if self._encoder.concurrent else 1
+            self._runners = [asyncio.create_task(self._run_batches()) for _ in range(calls)]
 
     async def execute(self, endpoint: str, body: dict[str, Any]) -> EngineResponse:
         if endpoint != "/v1/embeddings":
@@ -141,26 +147,40 @@ class EmbeddingsEngine(Engine):
         )
 
     async def _run_batches(self) -> None:
+        """Encode what is waiting, a batch at a time: the requests that arrive meanwhile make
+        the next batch, so the encoder never waits for the event loop to answer the last one
+        (with a route's max_concurrency a few times batch_size). Runs once per parallel call."""
         assert self._wake is not None
         while True:
             await self._wake.wait()
             self._wake.clear()
-            pending, self._pending = self._pending, _Pending()
-            if not pending.jobs:
-                continue
-            try:
-                results = await asyncio.to_thread(self._encode_jobs, pending.jobs)
-            except Exception as exc:
-                for job in pending.jobs:
+            while self._pending.jobs:
+                jobs = self._take_batch()
+                try:
+                    results = await asyncio.to_thread(self._encode_jobs, jobs)
+                except Exception as exc:
+                    for job in jobs:
+                        if not job.future.done():
+                            job.future.set_exception(exc)
+                    continue
+                for job, vectors in zip(jobs, results, strict=True):
                     if not job.future.done():
-                        job.future.set_exception(exc)
-                continue
-            for job, vectors in zip(pending.jobs, results, strict=True):
-                if not job.future.done():
-                    job.future.set_result(vectors)
+                        job.future.set_result(vectors)
+
+    def _take_batch(self) -> list[_Job]:
+        """The oldest waiting requests, up to batch_size inputs (at least one request)."""
+        pending = self._pending
+        taken, texts = 0, 0
+        while taken < len(pending.jobs) and (taken == 0 or texts < self._batch_size):
+            texts += len(pending.jobs[taken].ids)
+            taken += 1
+        jobs = pending.jobs[:taken]
+        del pending.jobs[:taken]
+        pending.texts -= texts
+        return jobs
 
     def _encode_jobs(self, jobs: list[_Job]) -> list[np.ndarray]:
-        """Encode every input of every job, longest-first in batches, and hand each job its rows."""
+        """Encode every input of every job, shortest first in batches, and hand each job its rows."""
         flat = [seq for job in jobs for seq in job.ids]
         order = sorted(range(len(flat)), key=lambda i: len(flat[i]))
         out = np.empty((len(flat), self._encoder.dim), dtype=np.float32)
@@ -207,11 +227,11 @@ class EmbeddingsEngine(Engine):
             return self._counting or None
 
     async def close(self) -> None:
-        if self._runner is not None:
-            self._runner.cancel()
+        for runner in self._runners:
+            runner.cancel()
 
 
-def load_encoder(folder: Path, cache_dir: Path | None = None) -> Any:
+def load_encoder(folder: Path, cache_dir: Path | None = None, threads: int | None = None) -> Any:
     """The ONNX Runtime encoder; the numpy one where onnxruntime is not installed, or where
     LOWTIDE_EMBEDDINGS_ENCODER=numpy asks for it (benchmarks compare the two)."""
     choice = os.environ.get("LOWTIDE_EMBEDDINGS_ENCODER", "onnx")
@@ -226,7 +246,7 @@ def load_encoder(folder: Path, cache_dir: Path | None = None) -> Any:
         else:
             from lowtide.engines.bert_onnx import OnnxSentenceEncoder
 
-            return OnnxSentenceEncoder(folder, cache_dir)
+            return OnnxSentenceEncoder(folder, cache_dir, threads=threads)
     from lowtide.engines.bert import BertSentenceEncoder
 
     return BertSentenceEncoder(folder)
