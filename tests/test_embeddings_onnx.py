@@ -12,7 +12,7 @@ import pytest
 
 from lowtide.engines.bert import BertSentenceEncoder
 from lowtide.engines.bert_onnx import OnnxSentenceEncoder, prepare_graph
-from lowtide.engines.embeddings import EmbeddingsEngine, load_encoder
+from lowtide.engines.embeddings import EmbeddingsEngine, _groups, _Job, load_encoder
 from lowtide.engines.model_files import ModelFileMissing, minilm_folder
 
 try:
@@ -126,3 +126,38 @@ def test_embeddings_onnx_graph_choice_is_timed_once_and_remembered(tmp_path):
     ids = second.tokenize(["A man is eating food.", "A man is eating a piece of bread."])
     a, b = second.encode_ids(ids)
     assert abs(float(a @ b) - 0.7553) < 0.002
+
+
+@pytest.mark.parametrize(
+    ("cores", "window", "calls", "threads"),
+    [(2, 256, 2, 1), (16, 256, 2, 8), (16, 1024, 8, 2), (2, 64, 1, 2), (1, 256, 1, 1)],
+)
+def test_embeddings_batches_side_by_side_leave_half_the_window_to_gather(
+    monkeypatch, cores, window, calls, threads
+):
+    """Batches encoded at once: at most one per core, and half the route's window stays free
+    to gather the next ones; the cores are shared out between them."""
+    monkeypatch.setattr("lowtide.engines.embeddings.os.cpu_count", lambda: cores)
+    engine = EmbeddingsEngine("all-MiniLM-L6-v2", window, None, batch_size=64)
+    assert (engine._parallel_calls(), engine._threads_per_call()) == (calls, threads)
+
+
+def test_embeddings_groups_respect_inputs_and_padded_tokens():
+    # Sorted lengths, one input each: at most 3 inputs and 100 padded tokens a group.
+    assert _groups([1] * 6, [5, 10, 20, 30, 40, 200], 3, 100) == [0, 3, 5]
+    # A request of many inputs counts them all; one too big for any group stands alone.
+    assert _groups([2, 5, 1], [10, 10, 10], 4, 1000) == [0, 1, 2]
+    assert _groups([1, 1], [3000, 3000], 64, 2048) == [0, 1]
+
+
+def test_embeddings_next_batch_is_the_oldest_request_with_its_nearest_lengths():
+    engine = EmbeddingsEngine("all-MiniLM-L6-v2", 256, None, batch_size=3)
+    lengths = [100, 10, 12, 200, 11, 101, 9]  # arrival order; one input per request
+    engine._pending = [_Job([[1] * n], None) for n in lengths]  # type: ignore[arg-type]
+    taken = engine._take_batch()
+    assert [job.longest for job in taken] == [100, 12, 101]  # in arrival order
+    assert [job.longest for job in engine._pending] == [10, 200, 11, 9]
+    # Every later batch starts from the oldest that is left: nothing waits for ever.
+    while engine._pending:
+        oldest = engine._pending[0]
+        assert oldest in engine._take_batch()

@@ -31,16 +31,20 @@ from lowtide.ids import new_request_id
 log = logging.getLogger("lowtide.embeddings")
 
 
+# Padded tokens one encoder call holds at most: long texts go fewer to a call. Many long
+# sequences at once spill the caches (the attention scores alone grow with length squared):
+# mixed 10-250-token texts ran 1.3x faster in calls of 2,048 tokens than of 64 texts.
+BATCH_TOKENS = 2048
+
+
 @dataclass
 class _Job:
     ids: list[list[int]]
     future: asyncio.Future[np.ndarray]
+    longest: int = field(init=False)
 
-
-@dataclass
-class _Pending:
-    jobs: list[_Job] = field(default_factory=list)
-    texts: int = 0
+    def __post_init__(self) -> None:
+        self.longest = max(len(seq) for seq in self.ids)
 
 
 class EmbeddingsEngine(Engine):
@@ -62,7 +66,7 @@ class EmbeddingsEngine(Engine):
         self._counting_lock = threading.Lock()
         self._load_error: str | None = None
         self._load_lock = asyncio.Lock()
-        self._pending = _Pending()
+        self._pending: list[_Job] = []  # requests waiting for the encoder, oldest first
         self._wake: asyncio.Event | None = None
         self._runners: list[asyncio.Task[None]] = []
 
@@ -74,7 +78,7 @@ class EmbeddingsEngine(Engine):
                 folder = self._folder()
                 started = time.monotonic()
                 self._encoder = await asyncio.to_thread(
-                    load_encoder, folder, self._cache_dir, threads=1
+                    load_encoder, folder, self._cache_dir, threads=self._threads_per_call()
                 )
                 log.info(
                     "loaded embeddings model %s from %s in %.2fs (%s)",
@@ -88,11 +92,19 @@ class EmbeddingsEngine(Engine):
                 log.error(self._load_error)
                 return
             self._wake = asyncio.Event()
-            # ONNX Runtime: one single-threaded run per core, side by side. Two threads splitting
-            # each operator wait for each other at every step, and the event loop's share of a
-            # core stalls both; whole batches in parallel lose nothing to it (bench/embeddings.py).
-            calls = (os.cpu_count() or 1) if self._encoder.concurrent else 1
+            calls = self._parallel_calls() if self._encoder.concurrent else 1
             self._runners = [asyncio.create_task(self._run_batches()) for _ in range(calls)]
+
+    def _parallel_calls(self) -> int:
+        """Batches encoded side by side (ONNX Runtime). Threads that split each operator wait for
+        each other at every step, and the event loop's share of a core stalls them all; whole
+        batches in parallel lose nothing to it (bench/embeddings.py). Half the window stays
+        free to gather the next batches while these encode."""
+        cores = os.cpu_count() or 1
+        return max(1, min(cores, self.max_concurrency // (2 * self._batch_size)))
+
+    def _threads_per_call(self) -> int:
+        return max(1, (os.cpu_count() or 1) // self._parallel_calls())
 
     async def execute(self, endpoint: str, body: dict[str, Any]) -> EngineResponse:
         if endpoint != "/v1/embeddings":
@@ -123,8 +135,7 @@ class EmbeddingsEngine(Engine):
             )
         ids = self._encoder.tokenize(texts)
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self._pending.jobs.append(_Job(ids, future))
-        self._pending.texts += len(ids)
+        self._pending.append(_Job(ids, future))
         assert self._wake is not None
         self._wake.set()
         vectors = await future
@@ -154,7 +165,7 @@ class EmbeddingsEngine(Engine):
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._pending.jobs:
+            while self._pending:
                 jobs = self._take_batch()
                 try:
                     results = await asyncio.to_thread(self._encode_jobs, jobs)
@@ -168,24 +179,33 @@ class EmbeddingsEngine(Engine):
                         job.future.set_result(vectors)
 
     def _take_batch(self) -> list[_Job]:
-        """The oldest waiting requests, up to batch_size inputs (at least one request)."""
+        """The waiting requests to encode next: the oldest, with those closest to it in length,
+        up to batch_size inputs and BATCH_TOKENS padded tokens. Lengths sorted across everything
+        that waits pad far less than arrival order (mixed 10-250-token texts: 81% of the tokens
+        computed are real from a pool of 256, 53% in batches of 64 as they come), and the oldest
+        always goes, so no request waits behind shorter ones for ever."""
         pending = self._pending
-        taken, texts = 0, 0
-        while taken < len(pending.jobs) and (taken == 0 or texts < self._batch_size):
-            texts += len(pending.jobs[taken].ids)
-            taken += 1
-        jobs = pending.jobs[:taken]
-        del pending.jobs[:taken]
-        pending.texts -= texts
-        return jobs
+        order = sorted(range(len(pending)), key=lambda i: pending[i].longest)
+        sizes = [len(pending[i].ids) for i in order]
+        lengths = [pending[i].longest for i in order]
+        starts = _groups(sizes, lengths, self._batch_size, BATCH_TOKENS)
+        at = order.index(0)
+        start = max(s for s in starts if s <= at)
+        end = next((s for s in starts if s > start), len(order))
+        chosen = set(order[start:end])
+        self._pending = [job for i, job in enumerate(pending) if i not in chosen]
+        return [pending[i] for i in sorted(chosen)]
 
     def _encode_jobs(self, jobs: list[_Job]) -> list[np.ndarray]:
-        """Encode every input of every job, shortest first in batches, and hand each job its rows."""
+        """Encode every input of every job, shortest first in calls of similar length, and hand
+        each job its rows."""
         flat = [seq for job in jobs for seq in job.ids]
         order = sorted(range(len(flat)), key=lambda i: len(flat[i]))
+        lengths = [len(flat[i]) for i in order]
+        starts = _groups([1] * len(order), lengths, self._batch_size, BATCH_TOKENS)
         out = np.empty((len(flat), self._encoder.dim), dtype=np.float32)
-        for start in range(0, len(order), self._batch_size):
-            chunk = order[start : start + self._batch_size]
+        for start, end in zip(starts, [*starts[1:], len(order)], strict=True):
+            chunk = order[start:end]
             out[chunk] = self._encoder.encode_ids([flat[i] for i in chunk])
         results, offset = [], 0
         for job in jobs:
@@ -250,6 +270,21 @@ def load_encoder(folder: Path, cache_dir: Path | None = None, threads: int | Non
     from lowtide.engines.bert import BertSentenceEncoder
 
     return BertSentenceEncoder(folder)
+
+
+def _groups(sizes: list[int], lengths: list[int], max_inputs: int, max_tokens: int) -> list[int]:
+    """Where each group starts when items sorted by length (`lengths` ascending, `sizes` inputs
+    each) are cut in order into groups of at most `max_inputs` inputs and `max_tokens` padded
+    tokens (inputs x the longest); an item too big for any group is a group of its own."""
+    starts: list[int] = []
+    inputs = 0
+    for i, (size, length) in enumerate(zip(sizes, lengths, strict=True)):
+        if starts and inputs + size <= max_inputs and (inputs + size) * length <= max_tokens:
+            inputs += size
+        else:
+            starts.append(i)
+            inputs = size
+    return starts
 
 
 def _texts(body: dict[str, Any]) -> list[str] | str:
