@@ -284,10 +284,11 @@ def _cpu_model() -> str:
     return os.uname().machine
 
 
-def _faster_is_q8(folder: Path, cache_dir: Path | None, threads: int) -> bool:
-    """Whether the 8-bit graph encodes faster than float32 here: timed once on a batch of 64
-    short texts (best of 3, interleaved), remembered in the cache folder for this CPU model and
-    ONNX Runtime version. The 8-bit graph must win by 5% to be chosen: float32 is exact."""
+def _faster_graph(folder: Path, cache_dir: Path | None, threads: int) -> tuple[bool, Any]:
+    """Whether the 8-bit graph encodes faster than float32 here, and the session that timed it
+    (None when the choice was remembered): timed once on a batch of 64 short texts (best of 3,
+    interleaved), remembered in the cache folder for this CPU model and ONNX Runtime version.
+    The 8-bit graph must win by 5% to be chosen: float32 is exact."""
     import onnxruntime as ort
 
     key = hashlib.sha256(
@@ -296,7 +297,7 @@ def _faster_is_q8(folder: Path, cache_dir: Path | None, threads: int) -> bool:
     remembered = cache_dir / f"choice.{key}.json" if cache_dir is not None else None
     if remembered is not None and remembered.exists():
         try:
-            return bool(json.loads(remembered.read_text())["q8"])
+            return bool(json.loads(remembered.read_text())["q8"]), None
         except (OSError, ValueError, KeyError):
             pass  # unreadable: measure again
     rng = np.random.default_rng(0)
@@ -323,7 +324,7 @@ def _faster_is_q8(folder: Path, cache_dir: Path | None, threads: int) -> bool:
         tmp = remembered.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps({"q8": choice, "ms": {"q8": best[True], "f32": best[False]}}))
         os.replace(tmp, remembered)
-    return choice
+    return choice, sessions[choice]
 
 
 class OnnxSentenceEncoder:
@@ -343,10 +344,11 @@ class OnnxSentenceEncoder:
         self.max_tokens = self.tokenizer.truncation["max_length"]
         self.dim = int(config["hidden_size"])
         threads = threads or os.cpu_count() or 1
+        timed = None
         if q8 is None:
-            q8 = _faster_is_q8(folder, cache_dir, threads)
+            q8, timed = _faster_graph(folder, cache_dir, threads)
         self.q8 = q8
-        self._session = _session(prepare_graph(folder, cache_dir, q8), threads)
+        self._session = timed or _session(prepare_graph(folder, cache_dir, q8), threads)
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         return [enc.ids for enc in self.tokenizer.encode_batch(texts)]

@@ -1,8 +1,9 @@
 """Local sentence embeddings, batched across requests.
 
-Inputs from every request waiting at a moment are pooled, sorted by length (so little padding
-is computed) and encoded in batches on a worker thread; the encoder releases the GIL, so the
-event loop keeps serving while the model runs.
+Requests wait in one pool; each batch is the oldest waiting request with those nearest to it in
+length (little padding is computed, nothing waits for ever), capped in inputs and in padded
+tokens. Batches are encoded on worker threads, several side by side (one per core), and the
+encoder releases the GIL, so the event loop keeps serving and gathers the next batches meanwhile.
 
 The encoder is MiniLM on ONNX Runtime (`bert_onnx.py`: the graph built once from the
 safetensors weights, with ONNX Runtime's fused transformer kernels); without onnxruntime
