@@ -216,7 +216,15 @@ def test_json_object_lines_all_parse(client):
         line["body"]["messages"].insert(0, {"role": "system", "content": JSON_OBJECT_PROMPTS[0][0]})
     out, err = _results(client, _run(client, lines))
     assert not err and len(out) == len(lines)
-    for row in out.values():
+    for custom_id, row in out.items():
+        body = row["response"]["body"]
+        if custom_id.startswith("s-") and body["choices"][0]["finish_reason"] == "length":
+            # A sampled answer may run out of max_tokens mid-object (as OpenAI's JSON mode can):
+            # then it says so, and what it wrote is the start of an object.
+            assert body["usage"]["completion_tokens"] == 64
+            assert _content(row).startswith("{"), _content(row)
+            continue
+        assert body["choices"][0]["finish_reason"] == "stop", row
         assert isinstance(json.loads(_content(row)), dict), _content(row)
 
 
