@@ -65,9 +65,9 @@ def encode_all(encoder, ids: list[list[int]], batch: int = 64) -> np.ndarray:
 
 def bench_direct(
     texts: list[str], repeats: int, cache: Path, threads: int
-) -> tuple[dict, dict, dict, dict]:
+) -> tuple[dict, dict, dict, dict, str]:
     folder = minilm_folder()
-    loads: dict[str, float | str] = {}
+    loads: dict[str, float] = {}
     started = time.perf_counter()
     encoders = {"numpy": BertSentenceEncoder(folder)}
     loads["numpy"] = time.perf_counter() - started
@@ -83,7 +83,6 @@ def bench_direct(
     started = time.perf_counter()
     OnnxSentenceEncoder(folder, cache, threads=threads or None)
     loads["Lowtide (choice cached)"] = time.perf_counter() - started
-    loads["chosen"] = "q8" if chosen.q8 else "onnx"
 
     ids = encoders["numpy"].tokenize(texts)
     rates: dict[str, list[float]] = {name: [] for name in encoders}
@@ -98,7 +97,7 @@ def bench_direct(
             rates[name].append(len(texts) / (time.perf_counter() - started))
             per_cpu[name].append(len(texts) / (time.process_time() - cpu))
     cos = {name: float((vectors[name] * vectors["numpy"]).sum(axis=1).min()) for name in encoders}
-    return rates, per_cpu, loads, cos
+    return rates, per_cpu, loads, cos, "q8" if chosen.q8 else "onnx"
 
 
 def _run_batch(client, texts: list[str]) -> float:
@@ -172,22 +171,14 @@ def main() -> None:
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs{threads}, {MODEL}")
 
     with tempfile.TemporaryDirectory(prefix="lowtide-bench-onnx-") as cache:
-        direct, per_cpu, loads, cos = bench_direct(
+        direct, per_cpu, loads, cos, chosen = bench_direct(
             short_texts(args.direct_texts), args.repeats, Path(cache), args.threads
         )
-    batches = (
-        None
-        if args.skip_batches or args.threads
-        else bench_batches(
-            {
-                f"{args.texts} short texts (15-17 tokens)": short_texts(args.texts),
-                f"{args.mixed_texts} texts of 10-256 tokens, mixed": mixed_texts(args.mixed_texts),
-            }
-            if args.mixed_texts
-            else {f"{args.texts} short texts (15-17 tokens)": short_texts(args.texts)},
-            args.repeats,
-        )
-    )
+    short = f"{args.texts} short texts (15-17 tokens)"
+    corpora = {short: short_texts(args.texts)}
+    if args.mixed_texts:
+        corpora[f"{args.mixed_texts} texts of 10-256 tokens, mixed"] = mixed_texts(args.mixed_texts)
+    batches = None if args.skip_batches or args.threads else bench_batches(corpora, args.repeats)
 
     med = {name: statistics.median(r) for name, r in direct.items()}
     print(f"\nencoder directly, {args.direct_texts} short texts, median of {args.repeats}")
@@ -210,7 +201,6 @@ def main() -> None:
         )
     print("  (per CPU-s: texts per second of this process's CPU time, all its threads;")
     print("   min cos: the lowest cosine against the numpy encoder over every text)")
-    chosen = loads.pop("chosen")
     print("  load: " + ", ".join(f"{k} {v:.2f} s" for k, v in loads.items()))
     print(f"  Lowtide chose: {labels[chosen]}")
     for corpus, rates in (batches or {}).items():
@@ -219,7 +209,7 @@ def main() -> None:
         for name, label in (("numpy", "numpy encoder (before)"), ("lowtide", "Lowtide's encoder")):
             span = f"({min(rates[name]):.1f}-{max(rates[name]):.1f})"
             print(f"  {label:<54}{bmed[name]:>9.1f}{span:>14}{bmed[name] / bmed['numpy']:>9.2f}x")
-        if corpus.endswith("(15-17 tokens)"):
+        if corpus == short:
             print(
                 f"  batch / direct (Lowtide's overhead): numpy {bmed['numpy'] / med['numpy']:.2f}, "
                 f"onnx {bmed['lowtide'] / med[chosen]:.2f}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import logging
 import os
 import threading
@@ -190,10 +191,9 @@ class EmbeddingsEngine(Engine):
         sizes = [len(pending[i].ids) for i in order]
         lengths = [pending[i].longest for i in order]
         starts = _groups(sizes, lengths, self._batch_size, BATCH_TOKENS)
-        at = order.index(0)
-        start = max(s for s in starts if s <= at)
-        end = next((s for s in starts if s > start), len(order))
-        chosen = set(order[start:end])
+        group = bisect.bisect_right(starts, order.index(0)) - 1  # the oldest request's group
+        end = starts[group + 1] if group + 1 < len(starts) else len(order)
+        chosen = set(order[starts[group] : end])
         self._pending = [job for i, job in enumerate(pending) if i not in chosen]
         return [pending[i] for i in sorted(chosen)]
 
