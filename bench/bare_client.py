@@ -20,28 +20,42 @@ import time
 from collections import Counter
 
 import aiohttp
+import httpx
 import orjson
 
 
-async def send_all(url: str, path: str, concurrency: int) -> dict:
+async def send_all(url: str, path: str, concurrency: int, client: str = "aiohttp") -> dict:
     cpu0, t0 = time.process_time(), time.perf_counter()
     with open(path, "rb") as f:
         lines = [line for line in f.read().split(b"\n") if line]
     statuses: Counter[int] = Counter()
     headers = {"Content-Type": "application/json"}
-    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=0, keepalive_timeout=30)
-    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
-        pending = iter(lines)
+    pending = iter(lines)
+    if client == "httpx":
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        async with httpx.AsyncClient(limits=limits, headers=headers) as http:
 
-        async def sender() -> None:
-            for raw in pending:
-                body = orjson.loads(raw)["body"]
-                async with session.post(url, data=orjson.dumps(body)) as resp:
-                    answer = await resp.read()
-                    statuses[resp.status] += 1
-                orjson.loads(answer)
+            async def sender() -> None:
+                for raw in pending:
+                    body = orjson.loads(raw)["body"]
+                    resp = await http.post(url, content=orjson.dumps(body))
+                    statuses[resp.status_code] += 1
+                    orjson.loads(resp.content)
 
-        await asyncio.gather(*(sender() for _ in range(concurrency)))
+            await asyncio.gather(*(sender() for _ in range(concurrency)))
+    else:
+        connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=0, keepalive_timeout=30)
+        async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
+
+            async def sender() -> None:
+                for raw in pending:
+                    body = orjson.loads(raw)["body"]
+                    async with session.post(url, data=orjson.dumps(body)) as resp:
+                        answer = await resp.read()
+                        statuses[resp.status] += 1
+                    orjson.loads(answer)
+
+            await asyncio.gather(*(sender() for _ in range(concurrency)))
     return {
         "lines": len(lines),
         "seconds": time.perf_counter() - t0,
@@ -56,8 +70,14 @@ def main() -> None:
     p.add_argument("--requests-file", required=True, help="batch input JSONL")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    p.add_argument(
+        "--client",
+        choices=["aiohttp", "httpx"],
+        default="aiohttp",
+        help="the HTTP client library (Lowtide's workers use aiohttp)",
+    )
     args = p.parse_args()
-    coro = send_all(args.url, args.requests_file, args.concurrency)
+    coro = send_all(args.url, args.requests_file, args.concurrency, args.client)
     if args.loop == "uvloop":
         import uvloop
 

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -56,12 +57,30 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def start_worker(data_dir: Path) -> subprocess.Popen:
-    """`lowtide worker` on the data folder and configuration a start_lowtide() call wrote."""
+    """`lowtide worker` on the data folder and configuration a start_lowtide() call wrote,
+    returned once it says it is running: a worker spends ~1.4 CPU seconds starting (imports,
+    migrations check), which must not count as the CPU of the first batch it runs."""
     args = ["--data-dir", str(data_dir), "--log-level", "warning"]
     config = data_dir / "lowtide.toml"
     if config.exists():
         args += ["--config", str(config)]
-    return subprocess.Popen([sys.executable, "-m", "lowtide.cli", "worker", *args])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lowtide.cli", "worker", *args], stderr=subprocess.PIPE
+    )
+    assert proc.stderr is not None
+    for raw in proc.stderr:  # its log goes on to ours; the pipe is drained to the end
+        sys.stderr.buffer.write(raw)
+        if b" running; " in raw:
+            break
+    else:
+        raise SystemExit(f"lowtide worker exited with {proc.wait()} before it was running")
+    threading.Thread(target=_forward, args=(proc.stderr,), daemon=True).start()
+    return proc
+
+
+def _forward(pipe: io.BufferedReader) -> None:
+    for raw in pipe:
+        sys.stderr.buffer.write(raw)
 
 
 def cpu_seconds(pid: int) -> float:
