@@ -134,3 +134,43 @@ def test_fair_share_serves_small_batch_and_honours_weights():
     assert max(i for i, b in enumerate(order) if b == "small") < 8  # not behind the 20 big ones
     assert max(i for i, b in enumerate(order) if b == "vip") < 14  # 4x the share of "big"
     assert len(order) == 30
+
+
+def test_lanes_follow_the_window_and_keep_fair_queuing():
+    """A shard's lanes shrink only while its own batch alone waits for a full window; lines of
+    another batch waiting keep every lane (fair queuing needs them queued); a slot nobody
+    uses asks for one lane more; a budget wait changes nothing."""
+
+    async def scenario() -> None:
+        route = ModelRoute(name="m", engine="echo", max_concurrency=2, adaptive=False, rpm=None)
+        c = RouteController(route)
+        assert c.window.limit == 2
+        assert c.lanes_wanted("a") == 1  # nothing in flight: room for more lanes
+        first = c.try_acquire("a", 1.0, 10)
+        assert first is not None and c.lanes_wanted("a") == 0  # one slot left: it is the asker's
+        second = c.try_acquire("a", 1.0, 10)
+        assert second is not None and c.lanes_wanted("a") == 0  # full, nobody waits
+        waiting_a = asyncio.create_task(c.acquire("a", 1.0, 10))
+        await asyncio.sleep(0)
+        assert c.lanes_wanted("a") == -1  # only batch a waits for a full window
+        assert c.lanes_wanted("b") == 0  # b has nothing waiting: not b's lane to drop
+        waiting_b = asyncio.create_task(c.acquire("b", 1.0, 10))
+        await asyncio.sleep(0)
+        assert c.lanes_wanted("a") == 0 and c.lanes_wanted("b") == 0  # two batches queue: keep all
+        c.release(first, status=200, used_tokens=10)  # the fairest waiter gets the slot
+        c.release(second, status=200, used_tokens=10)
+        granted = [await waiting_a, await waiting_b]
+        assert {p.batch for p in granted} == {"a", "b"}
+        for permit in granted:
+            c.release(permit, status=200, used_tokens=10)
+        assert c.lanes_wanted("a") == 1
+
+        paused = RouteController(ModelRoute(name="p", engine="echo", max_concurrency=4, rpm=1))
+        assert paused.try_acquire("a", 1.0, 10) is not None  # the one request a minute
+        assert paused.try_acquire("a", 1.0, 10) is None  # the budget, not the window, is empty
+        waiter = asyncio.create_task(paused.acquire("a", 1.0, 10))
+        await asyncio.sleep(0)
+        assert paused.lanes_wanted("a") == 0  # lanes wait for the budget: none leave, none start
+        waiter.cancel()
+
+    asyncio.run(scenario())

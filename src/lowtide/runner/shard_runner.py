@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import orjson
 
+from lowtide.admission.controller import RouteController
 from lowtide.blobs.keys import segment_key
 from lowtide.ids import request_line_id
 from lowtide.runner import segment_lines
@@ -43,6 +44,9 @@ class ShardRun:
         self._ready = claim.committed  # end of the contiguous finished prefix
         self._committed = claim.committed
         self._tasks: set[asyncio.Task[None]] = set()
+        self._lanes = 0  # lanes running (a lane leaving says so at once, before its task ends)
+        self._max_lanes = 0
+        self._controller: RouteController | None = None  # the admission of the shard's route
         self._sender = LineSender(ctx, claim, self)
         self._previous: list[ResultLine | None] | None = None  # a rerun's results to keep
         self._commit_lock = asyncio.Lock()
@@ -102,10 +106,16 @@ class ShardRun:
         else:
             todo = iter(range(start, end))
         window = min(1024, 2 * route.max_concurrency) if route else 64
+        self._controller = self.ctx.admission(route) if route else None
+        self._max_lanes = window
         for _ in range(min(window, end - start)):
-            task = asyncio.create_task(self._lane(todo, lines))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._add_lane(todo, lines)
+
+    def _add_lane(self, todo: Iterator[int], lines: list[bytes]) -> None:
+        self._lanes += 1
+        task = asyncio.create_task(self._lane(todo, lines))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _drain(self) -> None:
         if not self._tasks:
@@ -146,18 +156,30 @@ class ShardRun:
 
     # -- one line ------------------------------------------------------------------------
     async def _lane(self, todo: Iterator[int], lines: list[bytes]) -> None:
-        for index in todo:
-            if self.stopping or self.lost:
-                return
-            try:
-                done = await self._execute(index, lines[index])
-            except Exception:  # a bug fails one line (left unfinished: a gap), never the lane
-                log.exception(
-                    "line %d of shard %s/%s failed", index, self.claim.batch_id, self.claim.idx
-                )
-                continue
-            if done is not None:
-                self._finished(index, done)
+        """Run lines one after another. A shard starts with twice its route's concurrency of
+        lanes, then follows the admission window: a lane leaves when only its own batch waits
+        for a full window, and another starts when a slot goes unused (lanes_wanted)."""
+        try:
+            for index in todo:
+                if self.stopping or self.lost:
+                    return
+                try:
+                    done = await self._execute(index, lines[index])
+                except Exception:  # a bug fails one line (left unfinished: a gap), never the lane
+                    log.exception(
+                        "line %d of shard %s/%s failed", index, self.claim.batch_id, self.claim.idx
+                    )
+                    continue
+                if done is not None:
+                    self._finished(index, done)
+                if self._controller is not None:
+                    wanted = self._controller.lanes_wanted(self.claim.batch_id)
+                    if wanted < 0 and self._lanes > 1:
+                        return
+                    if wanted > 0 and self._lanes < self._max_lanes:
+                        self._add_lane(todo, lines)
+        finally:
+            self._lanes -= 1
 
     def _finished(self, index: int, done: FinishedLine) -> None:
         self._results[index] = done
