@@ -124,13 +124,17 @@ class LineSender:
         other line of the route until a probe finds the route working again.
         """
         batch, cfg, paused = self.batch, self.ctx.config, self.ctx.paused
-        cost = estimate_tokens(batch.endpoint, body)
+        # The token estimate matters only to a token budget; a route without one (yet: it may
+        # learn one from the answers' headers) skips it, on every line's path.
+        cost: int | None = None
         response: EngineResponse | None = None
         failure: TransientEngineError | None = None
         usage = _NO_USAGE
         attempt = 0
         while True:
-            permit = await self._permit(controller, cost)
+            if cost is None and controller.tpm is not None:
+                cost = estimate_tokens(batch.endpoint, body)
+            permit = await self._permit(controller, cost or 0)
             if permit is None:
                 return None, None, _NO_USAGE  # stopped while waiting: this line never starts
             try:
