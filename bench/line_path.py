@@ -18,7 +18,10 @@ import argparse
 import asyncio
 import json
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -32,6 +35,8 @@ from lowtide.ids import request_line_id
 from lowtide.runner import segment_lines
 from lowtide.runner.context import RunnerContext
 from lowtide.runner.sending import LineSender
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 ENDPOINT = "/v1/chat/completions"
 ANSWER = orjson.dumps(
@@ -103,17 +108,21 @@ def request_lines(n: int) -> list[bytes]:
     ]
 
 
-async def lowtide_path(lines: list[bytes], lanes: int, concurrency: int) -> float:
-    """CPU seconds for every line through LineSender, `lanes` at a time (as a shard runs them)."""
+async def lowtide_path(
+    lines: list[bytes], lanes: int, concurrency: int, upstream: str | None = None
+) -> float:
+    """CPU seconds for every line through LineSender, `lanes` at a time (as a shard runs them);
+    to `upstream` over HTTP with the route's real engine, or else to the instant engine."""
     route = ModelRoute(
         name="m",
         engine="openai",
-        base_url="http://unused",
+        base_url=upstream or "http://unused",
         max_concurrency=concurrency,
         adaptive=False,
     )
     router = Router([route])
-    router._engines["m"] = InstantEngine()  # the route's engine, without building an HTTP one
+    if upstream is None:
+        router._engines["m"] = InstantEngine()  # the route's engine, without an HTTP one
     ctx = RunnerContext(None, None, router, WorkerConfig())  # type: ignore[arg-type]
     sender = LineSender(ctx, _Batch(), _Running())
     results: list[Any] = [None] * len(lines)
@@ -126,7 +135,11 @@ async def lowtide_path(lines: list[bytes], lanes: int, concurrency: int) -> floa
     cpu = time.process_time()
     await asyncio.gather(*(lane() for _ in range(lanes)))
     segment_lines.encode(r.result for r in results)
-    return time.process_time() - cpu
+    cpu = time.process_time() - cpu
+    await router.close()
+    if not all(r.result.ok for r in results):
+        raise SystemExit("a line failed")
+    return cpu
 
 
 async def minimal_path(lines: list[bytes], concurrency: int) -> float:
@@ -156,15 +169,35 @@ async def main(args: argparse.Namespace) -> None:
     lines = request_lines(args.lines)
     settle_heap()  # as a worker process does once started
     runs: dict[str, list[float]] = {"minimal": [], "lowtide": []}
-    for _ in range(args.repeats):
-        runs["minimal"].append(await minimal_path(lines, args.concurrency))
-        runs["lowtide"].append(await lowtide_path(lines, args.lanes, args.concurrency))
-    base = statistics.median(runs["minimal"])
+    sim = None
+    if args.http:
+        from bare_client import send_all
+
+        from lowtide_sim.launch import start_simulator
+
+        sim = start_simulator("--latency-ms", "0")
+        runs = {"bare aiohttp": [], "lowtide": []}
+        path = Path(tempfile.mkdtemp()) / "input.jsonl"
+        path.write_bytes(b"\n".join(lines) + b"\n")
+    try:
+        for _ in range(args.repeats):
+            if sim is None:
+                runs["minimal"].append(await minimal_path(lines, args.concurrency))
+                runs["lowtide"].append(await lowtide_path(lines, args.lanes, args.concurrency))
+            else:
+                bare = await send_all(f"{sim.url}/chat/completions", str(path), args.concurrency)
+                runs["bare aiohttp"].append(bare["cpu"])
+                cpu = await lowtide_path(lines, args.lanes, args.concurrency, sim.url)
+                runs["lowtide"].append(cpu)
+    finally:
+        if sim is not None:
+            sim.stop()
+    base = statistics.median(next(iter(runs.values())))
     print(f"{args.lines} lines, {args.lanes} lanes, {args.concurrency} permits; us of CPU a line")
     for name, cpus in runs.items():
         med = statistics.median(cpus)
         each = " ".join(f"{1e6 * c / args.lines:.1f}" for c in cpus)
-        print(f"{name:>8} {1e6 * med / args.lines:7.1f}  {med / base:5.2f}x   ({each})")
+        print(f"{name:>12} {1e6 * med / args.lines:7.1f}  {med / base:5.2f}x   ({each})")
 
 
 if __name__ == "__main__":
@@ -173,6 +206,11 @@ if __name__ == "__main__":
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--lanes", type=int, default=64, help="a shard runs 2 x max_concurrency")
     p.add_argument("--concurrency", type=int, default=32, help="the route's max_concurrency")
+    p.add_argument(
+        "--http",
+        action="store_true",
+        help="send to the simulator over HTTP: Lowtide's route engine against bench/bare_client.py's loop",
+    )
     cli = p.parse_args()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(main(cli))
