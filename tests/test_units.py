@@ -244,3 +244,30 @@ def test_local_blobs_under_a_relative_folder(tmp_path, monkeypatch):
         return [key async for key, _ in store.list_keys("segments/")]
 
     assert asyncio.run(scenario()) == ["segments/b1/0000000-0000000-x.jsonl"]
+
+
+def test_answer_headers_read_in_one_pass_match_a_case_insensitive_lookup():
+    """Rate limits, retry hints and the request id come out of the raw header bytes lowercased,
+    the first of a repeated name kept (as a lookup in the parsed headers gives it)."""
+    from lowtide.engines.openai_http import parse_retry_after, read_answer_headers
+
+    raw = (
+        (b"Content-Type", b"application/json"),
+        (b"X-RateLimit-Limit-Requests", b"600"),
+        (b"x-ratelimit-remaining-tokens", b"9000"),
+        (b"Anthropic-RateLimit-Tokens-Remaining", b"12"),
+        (b"Retry-After", b"7"),
+        (b"retry-after", b"99"),
+        (b"X-Request-ID", b"req_abc"),
+        (b"Server", b"x-ratelimit-not-a-header-name"),
+    )
+    limits, hints = read_answer_headers(raw)
+    assert limits == {
+        "x-ratelimit-limit-requests": "600",
+        "x-ratelimit-remaining-tokens": "9000",
+        "anthropic-ratelimit-tokens-remaining": "12",
+    }
+    assert hints == {"retry-after": "7", "x-request-id": "req_abc"}
+    assert parse_retry_after(hints) == 7.0
+    assert read_answer_headers(((b"Retry-After-Ms", b"250"),))[1] == {"retry-after-ms": "250"}
+    assert read_answer_headers(()) == ({}, {})

@@ -37,7 +37,23 @@ def parse_retry_after(headers: Any) -> float | None:
 
 
 ANTHROPIC_VERSION = "2023-06-01"  # the Messages API version a route with api = "anthropic" asks for
-_LIMIT_HEADERS = ("x-ratelimit-", "anthropic-ratelimit-")
+_LIMIT_PREFIXES = (b"x-ratelimit-", b"anthropic-ratelimit-")
+_HINTS = frozenset((b"retry-after", b"retry-after-ms", b"x-request-id", b"request-id"))
+
+
+def read_answer_headers(raw: Any) -> tuple[dict[str, str], dict[str, str]]:
+    """(rate-limit headers, retry and request-id headers) of an answer, names lowercased, the
+    first of repeated names kept: one pass over the raw header bytes. On every answer's path,
+    where each case-insensitive lookup in the parsed headers cost more than this whole pass."""
+    limits: dict[str, str] = {}
+    hints: dict[str, str] = {}
+    for name, value in raw:
+        name = name.lower()
+        if name.startswith(_LIMIT_PREFIXES):
+            limits.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+        elif name in _HINTS:
+            hints.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+    return limits, hints
 
 
 class OpenAIHttpEngine(Engine):
@@ -90,7 +106,7 @@ class OpenAIHttpEngine(Engine):
             async with self._session.post(self._url(endpoint), data=orjson.dumps(body)) as resp:
                 raw = await resp.read()
                 status = resp.status
-                headers = resp.headers
+                limits, hints = read_answer_headers(resp.raw_headers)
         except TimeoutError as exc:
             raise TransientEngineError(
                 "request_timeout", f"The upstream did not answer within {self._route.timeout:g}s."
@@ -110,16 +126,11 @@ class OpenAIHttpEngine(Engine):
             text = raw[:2000].decode("utf-8", "replace")
             message = f"Upstream answered HTTP {status} with a non-JSON body: {text}"
             parsed = error_response(status, message, type="upstream_error").body
-        limits = {}  # the rate-limit headers, in one pass over the answer's headers
-        for key, value in headers.items():
-            key = key.lower()
-            if key.startswith(_LIMIT_HEADERS):
-                limits[key] = value
         return EngineResponse(
             status_code=status,
             body=parsed,
-            request_id=headers.get("x-request-id") or headers.get("request-id"),
-            retry_after=parse_retry_after(headers),
+            request_id=hints.get("x-request-id") or hints.get("request-id"),
+            retry_after=parse_retry_after(hints),
             headers=limits,
         )
 
