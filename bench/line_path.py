@@ -8,7 +8,7 @@ engine answers every request at once (one suspension, like an HTTP answer) with 
 completion. "minimal" is the least any client does with the same engine: parse the line, call
 the engine, encode a result line. Runs are interleaved; medians in microseconds per line.
 
-    .venv/bin/python bench/line_path.py [--lines 20000] [--repeats 7] [--lanes 64]
+    .venv/bin/python bench/line_path.py [--lines 20000] [--repeats 7] [--lanes 32]
         [--concurrency 32]
 """
 
@@ -204,7 +204,11 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--lines", type=int, default=20_000)
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--lanes", type=int, default=64, help="a shard runs 2 x max_concurrency")
+    p.add_argument(
+        "--lanes",
+        type=int,
+        help="lanes running lines (default: --concurrency, where a shard's lanes settle)",
+    )
     p.add_argument("--concurrency", type=int, default=32, help="the route's max_concurrency")
     p.add_argument(
         "--http",
@@ -212,5 +216,6 @@ if __name__ == "__main__":
         help="send to the simulator over HTTP: Lowtide's route engine against bench/bare_client.py's loop",
     )
     cli = p.parse_args()
+    cli.lanes = cli.lanes or cli.concurrency
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(main(cli))
