@@ -271,3 +271,52 @@ def test_answer_headers_read_in_one_pass_match_a_case_insensitive_lookup():
     assert parse_retry_after(hints) == 7.0
     assert read_answer_headers(((b"Retry-After-Ms", b"250"),))[1] == {"retry-after-ms": "250"}
     assert read_answer_headers(()) == ({}, {})
+
+
+def test_upstream_requests_time_out_at_the_routes_timeout_and_cancels_stay_cancels():
+    """The HTTP engine keeps each request to the route's `timeout`: a request still unanswered
+    then fails as `request_timeout` (retried like any transient failure), one answered in time
+    is untouched, and a cancel from elsewhere (a shard stopping) stays a cancel."""
+    from aiohttp import web
+
+    from lowtide.engines.base import TransientEngineError
+    from lowtide.engines.openai_http import OpenAIHttpEngine
+
+    async def answer(request: web.Request) -> web.Response:
+        body = await request.json()
+        await asyncio.sleep(body.get("sleep", 0))
+        return web.json_response({"usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+
+    async def scenario() -> None:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", answer)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        route = ModelRoute(
+            name="m", engine="openai", base_url=f"http://127.0.0.1:{port}/v1", timeout=0.4
+        )
+        engine = OpenAIHttpEngine(route)
+        try:
+            started = time.monotonic()
+            slow = asyncio.create_task(engine.execute("/v1/chat/completions", {"sleep": 2}))
+            fast = await engine.execute("/v1/chat/completions", {"sleep": 0.1})
+            assert fast.status_code == 200 and fast.body["usage"]["prompt_tokens"] == 1
+            with pytest.raises(TransientEngineError) as err:
+                await slow
+            assert err.value.code == "request_timeout"
+            assert 0.4 <= time.monotonic() - started < 2.0
+            stopped = asyncio.create_task(engine.execute("/v1/chat/completions", {"sleep": 2}))
+            await asyncio.sleep(0.1)
+            stopped.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await stopped
+            again = await engine.execute("/v1/chat/completions", {})
+            assert again.status_code == 200
+        finally:
+            await engine.close()
+            await runner.cleanup()
+
+    asyncio.run(scenario())
