@@ -18,6 +18,7 @@ import asyncio
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import httpx
@@ -31,31 +32,34 @@ async def send_all(url: str, path: str, concurrency: int, client: str = "aiohttp
     statuses: Counter[int] = Counter()
     headers = {"Content-Type": "application/json"}
     pending = iter(lines)
+
+    async def send(post: Callable[[bytes], Awaitable[tuple[int, bytes]]]) -> None:
+        async def sender() -> None:
+            for raw in pending:
+                status, answer = await post(orjson.dumps(orjson.loads(raw)["body"]))
+                statuses[status] += 1
+                orjson.loads(answer)
+
+        await asyncio.gather(*(sender() for _ in range(concurrency)))
+
     if client == "httpx":
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         async with httpx.AsyncClient(limits=limits, headers=headers) as http:
 
-            async def sender() -> None:
-                for raw in pending:
-                    body = orjson.loads(raw)["body"]
-                    resp = await http.post(url, content=orjson.dumps(body))
-                    statuses[resp.status_code] += 1
-                    orjson.loads(resp.content)
+            async def post(data: bytes) -> tuple[int, bytes]:
+                resp = await http.post(url, content=data)
+                return resp.status_code, resp.content
 
-            await asyncio.gather(*(sender() for _ in range(concurrency)))
+            await send(post)
     else:
         connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=0, keepalive_timeout=30)
         async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
 
-            async def sender() -> None:
-                for raw in pending:
-                    body = orjson.loads(raw)["body"]
-                    async with session.post(url, data=orjson.dumps(body)) as resp:
-                        answer = await resp.read()
-                        statuses[resp.status] += 1
-                    orjson.loads(answer)
+            async def post(data: bytes) -> tuple[int, bytes]:
+                async with session.post(url, data=data) as resp:
+                    return resp.status, await resp.read()
 
-            await asyncio.gather(*(sender() for _ in range(concurrency)))
+            await send(post)
     return {
         "lines": len(lines),
         "seconds": time.perf_counter() - t0,

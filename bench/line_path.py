@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from lowtide.runner.context import RunnerContext
 from lowtide.runner.sending import LineSender
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import write_input  # noqa: E402
 
 ENDPOINT = "/v1/chat/completions"
 ANSWER = orjson.dumps(
@@ -85,27 +85,6 @@ class _Batch:
 class _Running:
     stopping = False
     lost = False
-
-
-def request_lines(n: int) -> list[bytes]:
-    return [
-        json.dumps(
-            {
-                "custom_id": f"req-{i:08d}",
-                "method": "POST",
-                "url": ENDPOINT,
-                "body": {
-                    "model": "m",
-                    "messages": [
-                        {"role": "user", "content": f"classify ticket {i}: printer offline again"}
-                    ],
-                    "max_tokens": 16,
-                },
-            },
-            separators=(",", ":"),
-        ).encode()
-        for i in range(n)
-    ]
 
 
 async def lowtide_path(
@@ -166,7 +145,9 @@ async def minimal_path(lines: list[bytes], concurrency: int) -> float:
 
 
 async def main(args: argparse.Namespace) -> None:
-    lines = request_lines(args.lines)
+    path = Path(tempfile.mkdtemp()) / "input.jsonl"
+    write_input(path, args.lines, "m")  # the requests bench/workers.py sends
+    lines = path.read_bytes().splitlines()
     settle_heap()  # as a worker process does once started
     runs: dict[str, list[float]] = {"minimal": [], "lowtide": []}
     sim = None
@@ -177,8 +158,6 @@ async def main(args: argparse.Namespace) -> None:
 
         sim = start_simulator("--latency-ms", "0")
         runs = {"bare aiohttp": [], "lowtide": []}
-        path = Path(tempfile.mkdtemp()) / "input.jsonl"
-        path.write_bytes(b"\n".join(lines) + b"\n")
     try:
         for _ in range(args.repeats):
             if sim is None:

@@ -67,20 +67,23 @@ def start_worker(data_dir: Path) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, "-m", "lowtide.cli", "worker", *args], stderr=subprocess.PIPE
     )
-    assert proc.stderr is not None
-    for raw in proc.stderr:  # its log goes on to ours; the pipe is drained to the end
-        sys.stderr.buffer.write(raw)
-        if b" running; " in raw:
-            break
-    else:
-        raise SystemExit(f"lowtide worker exited with {proc.wait()} before it was running")
-    threading.Thread(target=_forward, args=(proc.stderr,), daemon=True).start()
+    running = threading.Event()
+    threading.Thread(target=_forward, args=(proc, running), daemon=True).start()
+    deadline = time.monotonic() + 60
+    while not running.wait(0.1):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit(f"lowtide worker did not start (exit status {proc.poll()})")
     return proc
 
 
-def _forward(pipe: io.BufferedReader) -> None:
-    for raw in pipe:
+def _forward(proc: subprocess.Popen, running: threading.Event) -> None:
+    """The worker's log goes on to ours (the pipe drained to the end); `running` is set when
+    the worker says so."""
+    for raw in proc.stderr:  # type: ignore[union-attr]
         sys.stderr.buffer.write(raw)
+        if b" running; " in raw:
+            running.set()
 
 
 def cpu_seconds(pid: int) -> float:
