@@ -5,9 +5,8 @@ from __future__ import annotations
 import weakref
 
 from sqlalchemy import and_, delete, exists, insert, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
 
-from lowtide.store.database import Database, storable
+from lowtide.store.database import Database, StoreConnection, storable
 from lowtide.store.pages import page
 from lowtide.store.rows import FileRow
 from lowtide.store.schema import batches, files
@@ -20,7 +19,7 @@ def _visible(now: int):  # type: ignore[no-untyped-def]
     )
 
 
-async def insert_file(conn: AsyncConnection, row: FileRow) -> None:
+async def insert_file(conn: StoreConnection, row: FileRow) -> None:
     await conn.execute(insert(files).values(**row.values()))
 
 

@@ -9,9 +9,8 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncConnection
 
-from lowtide.store.database import Database
+from lowtide.store.database import Database, StoreConnection
 from lowtide.store.schema import usage_daily
 
 DAY = 86400
@@ -47,7 +46,7 @@ def day_of(unix_time: float) -> int:
 
 
 async def add_usage(
-    conn: AsyncConnection, project: str, day: int, deltas: list[UsageDelta]
+    conn: StoreConnection, project: str, day: int, deltas: list[UsageDelta]
 ) -> None:
     """Add to the ledger inside the caller's transaction (the segment commit)."""
     if not deltas:

@@ -15,10 +15,9 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import Float, and_, bindparam, exists, insert, literal, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from lowtide.ids import new_event_id
-from lowtide.store.database import Database, storable
+from lowtide.store.database import Database, StoreConnection, storable
 from lowtide.store.rows import _Record
 from lowtide.store.schema import batches, webhook_attempts, webhook_deliveries, webhook_events
 
@@ -101,7 +100,7 @@ class DeliveryView:
 # -- events ------------------------------------------------------------------------------
 
 
-async def record_event(conn: AsyncConnection, batch_id: str, status: str, now: int) -> None:
+async def record_event(conn: StoreConnection, batch_id: str, status: str, now: int) -> None:
     """Announce that the batch reached terminal `status`: call inside the transaction that
     writes the status."""
     event = select(
