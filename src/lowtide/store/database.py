@@ -39,8 +39,6 @@ def sqlite_url(data_dir: Path) -> str:
 
 def _async_url(url: str) -> str:
     parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        return str(parsed.set(drivername="sqlite+aiosqlite"))
     if parsed.get_backend_name() == "postgresql":
         return str(parsed.set(drivername="postgresql+psycopg"))
     raise ValueError(f"unsupported database url {url!r}: use sqlite:/// or postgresql://")

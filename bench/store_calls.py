@@ -1,0 +1,68 @@
+"""CPU per store call on SQLite: what a transaction costs the process that makes it.
+
+Every API request and every shard of a worker makes a few store calls; on SQLite their cost is
+mostly how a statement reaches the database (since this round: sqlite3 on the event loop; until
+then aiosqlite, which hands every statement, BEGIN and COMMIT to a thread and back). Calls are
+interleaved by kind and repeated; medians of the per-call CPU (process time, every thread).
+
+    .venv/bin/python bench/store_calls.py [--calls 500] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import uvloop
+from sqlalchemy import text
+
+from lowtide.store import batches, leases
+from lowtide.store.database import Database, sqlite_url
+
+
+async def main(args: argparse.Namespace) -> None:
+    db = Database(sqlite_url(Path(tempfile.mkdtemp(prefix="lowtide-bench-store-"))))
+    await asyncio.to_thread(db.upgrade)
+
+    async def empty_write() -> None:
+        async with db.write() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def empty_read() -> None:
+        async with db.read() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    calls: dict[str, Callable[[], Awaitable[object]]] = {
+        "write transaction (SELECT 1)": empty_write,
+        "read transaction (SELECT 1)": empty_read,
+        "get a batch (an API retrieve)": lambda: batches.get_batch(db, "p", "batch_none"),
+        "claim shards (a worker's tick)": lambda: leases.claim_shards(db, "w", time.time(), 30, 4),
+        "claim a batch task": lambda: leases.claim_batch_task(db, "w", time.time(), 30),
+    }
+    runs: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(args.repeats):
+        for name, call in calls.items():
+            for _ in range(20):  # warm: statement caches, pool
+                await call()
+            cpu = time.process_time()
+            for _ in range(args.calls):
+                await call()
+            runs[name].append((time.process_time() - cpu) / args.calls)
+    await db.close()
+    print(f"SQLite, {args.calls} calls x {args.repeats} repeats; ms of CPU a call (median)")
+    for name, cpus in runs.items():
+        print(f"{name:>32} {1e3 * statistics.median(cpus):7.3f}")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--calls", type=int, default=500)
+    p.add_argument("--repeats", type=int, default=5)
+    cli = p.parse_args()
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main(cli))
