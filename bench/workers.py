@@ -64,13 +64,24 @@ def run_once(args: argparse.Namespace, workers: int, input_path: Path, sim_url: 
             with input_path.open("rb") as fh:
                 f = client.files.create(file=fh, purpose="batch")
             cpu0 = {p.pid: cpu_seconds(p.pid) for p in [api, *procs]}
+
+            def workers_cpu() -> float:
+                return sum(cpu_seconds(p.pid) - cpu0[p.pid] for p in procs)
+
             t0 = time.perf_counter()
             batch = client.batches.create(
                 input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
             )
+            # The workers' CPU when the batch is first seen running and first seen finalizing:
+            # validation, sending and finalize apart (to a poll interval, ~20 ms of CPU).
+            phase_cpu: dict[str, float] = {}
             while batch.status not in ("completed", "failed", "expired", "cancelled"):
-                time.sleep(0.1)
+                time.sleep(0.02)
                 batch = client.batches.retrieve(batch.id)
+                if batch.status in ("in_progress", "finalizing", "completed"):
+                    phase_cpu.setdefault("in_progress", workers_cpu())
+                if batch.status in ("finalizing", "completed"):
+                    phase_cpu.setdefault("finalizing", workers_cpu())
             seconds = time.perf_counter() - t0
             counts = batch.request_counts
             if batch.status != "completed" or counts.completed != args.lines:
@@ -79,7 +90,10 @@ def run_once(args: argparse.Namespace, workers: int, input_path: Path, sim_url: 
                 "seconds": seconds,
                 "lines_per_s": args.lines / seconds,
                 "api_cpu": cpu_seconds(api.pid) - cpu0[api.pid],
-                "worker_cpu": sum(cpu_seconds(p.pid) - cpu0[p.pid] for p in procs),
+                "worker_cpu": (total := workers_cpu()),
+                "validate_cpu": phase_cpu["in_progress"],
+                "send_cpu": phase_cpu["finalizing"] - phase_cpu["in_progress"],
+                "finalize_cpu": total - phase_cpu["finalizing"],
                 "api_mib": proc_kib(api.pid, "VmHWM") / 1024,
                 "worker_mib": max(proc_kib(p.pid, "VmHWM") for p in procs) / 1024,
             }
@@ -114,6 +128,9 @@ def run_bare(args: argparse.Namespace, input_path: Path, sim_url: str) -> dict:
         "lines_per_s": args.lines / result["seconds"],
         "api_cpu": float("nan"),
         "worker_cpu": result["cpu"],
+        "validate_cpu": 0.0,
+        "send_cpu": result["cpu"],
+        "finalize_cpu": 0.0,
         "api_mib": float("nan"),
         "worker_mib": float("nan"),
     }
@@ -190,8 +207,31 @@ def main() -> None:
                 f"{api_mib} {worker_mib}",
                 flush=True,
             )
+        print_phases(groups, runs, args.lines)
     finally:
         sim.stop()
+
+
+def print_phases(groups: list[int | str], runs: dict[int | str, list[dict]], lines: int) -> None:
+    """Where the sending processes' CPU went, per line: validating the input, sending (the
+    batch in_progress: the part the bare loop does too), finalizing the output."""
+    print(
+        f"\n{'workers':>7} {'validate us/line':>16} {'send us/line':>12} {'send vs bare':>12} "
+        f"{'finalize us/line':>16}"
+    )
+    bare_us = None
+    for g in groups:
+        us = {
+            k: 1e6 * statistics.median(r[f"{k}_cpu"] for r in runs[g]) / lines
+            for k in ("validate", "send", "finalize")
+        }
+        if g == "bare":
+            bare_us = us["send"]
+        ratio = f"{us['send'] / bare_us:>11.2f}x" if bare_us else f"{'':>12}"
+        print(
+            f"{g:>7} {us['validate']:>16.1f} {us['send']:>12.1f} {ratio} {us['finalize']:>16.1f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
