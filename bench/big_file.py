@@ -48,7 +48,8 @@ def run_once(lines: int, tmp: Path, database_url: str | None) -> dict:
     input_path = tmp / f"input-{lines}.jsonl"
     write_input(input_path, lines)
     size = input_path.stat().st_size
-    config = fresh_database(database_url) + (
+    url = database_url and fresh_database(database_url)
+    config = (f'database_url = "{url}"\n' if url else "") + (
         '[[models]]\nname = "lowtide-echo"\nengine = "echo"\n'
         "[batches]\nmax_file_bytes = 21474836480\n"
     )

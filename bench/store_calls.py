@@ -1,11 +1,14 @@
-"""CPU per store call on SQLite: what a transaction costs the process that makes it.
+"""CPU per store call: what a transaction costs the process that makes it.
 
 Every API request and every shard of a worker makes a few store calls; on SQLite their cost is
 mostly how a statement reaches the database (since this round: sqlite3 on the event loop; until
 then aiosqlite, which hands every statement, BEGIN and COMMIT to a thread and back). Calls are
 interleaved by kind and repeated; medians of the per-call CPU (process time, every thread).
 
+With --database-url, the same calls on a fresh PostgreSQL database (psycopg 3, async).
+
     .venv/bin/python bench/store_calls.py [--calls 500] [--repeats 5]
+        [--database-url postgresql://postgres@127.0.0.1]
 """
 
 from __future__ import annotations
@@ -20,13 +23,18 @@ from pathlib import Path
 
 import uvloop
 from sqlalchemy import text
+from workers import fresh_database
 
 from lowtide.store import batches, leases
 from lowtide.store.database import Database, sqlite_url
 
 
 async def main(args: argparse.Namespace) -> None:
-    db = Database(sqlite_url(Path(tempfile.mkdtemp(prefix="lowtide-bench-store-"))))
+    if args.database_url:
+        url = fresh_database(args.database_url)
+    else:
+        url = sqlite_url(Path(tempfile.mkdtemp(prefix="lowtide-bench-store-")))
+    db = Database(url)
     await asyncio.to_thread(db.upgrade)
 
     async def empty_write() -> None:
@@ -54,7 +62,8 @@ async def main(args: argparse.Namespace) -> None:
                 await call()
             runs[name].append((time.process_time() - cpu) / args.calls)
     await db.close()
-    print(f"SQLite, {args.calls} calls x {args.repeats} repeats; ms of CPU a call (median)")
+    store = "PostgreSQL" if args.database_url else "SQLite"
+    print(f"{store}, {args.calls} calls x {args.repeats} repeats; ms of CPU a call (median)")
     for name, cpus in runs.items():
         print(f"{name:>32} {1e3 * statistics.median(cpus):7.3f}")
 
@@ -63,6 +72,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--calls", type=int, default=500)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--database-url", help="PostgreSQL server URL (no database name)")
     cli = p.parse_args()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(main(cli))

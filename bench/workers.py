@@ -39,19 +39,19 @@ from throughput import proc_kib, write_input  # noqa: E402
 from lowtide_sim.launch import start_simulator  # noqa: E402
 
 
-def fresh_database(base_url: str | None) -> str:
-    if not base_url:
-        return ""
+def fresh_database(base_url: str) -> str:
+    """The URL of a new, empty database on the PostgreSQL server at `base_url`."""
     import psycopg
 
     name = f"lowtide_bench_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(f"{base_url}/postgres", autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
-    return f'database_url = "{base_url}/{name}"\n'
+    return f"{base_url}/{name}"
 
 
 def run_once(args: argparse.Namespace, workers: int, input_path: Path, sim_url: str) -> dict:
-    config = fresh_database(args.database_url) + (
+    url = args.database_url and fresh_database(args.database_url)
+    config = (f'database_url = "{url}"\n' if url else "") + (
         f'[[models]]\nname = "sim-model"\nengine = "openai"\nbase_url = "{sim_url}"\n'
         f"max_concurrency = {args.concurrency}\nadaptive = false\n"
         f"[batches]\nshard_lines = {args.shard_lines}\n[worker]\nmax_active_shards = 4\n"
@@ -73,10 +73,10 @@ def run_once(args: argparse.Namespace, workers: int, input_path: Path, sim_url: 
                 input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
             )
             # The workers' CPU when the batch is first seen running and first seen finalizing:
-            # validation, sending and finalize apart (to a poll interval, ~20 ms of CPU).
+            # validation, sending and finalize apart (to a poll interval, 50 ms).
             phase_cpu: dict[str, float] = {}
             while batch.status not in ("completed", "failed", "expired", "cancelled"):
-                time.sleep(0.02)
+                time.sleep(0.05)
                 batch = client.batches.retrieve(batch.id)
                 if batch.status in ("in_progress", "finalizing", "completed"):
                     phase_cpu.setdefault("in_progress", workers_cpu())
