@@ -3,7 +3,7 @@
 SQLite is a file on this machine: its statements run on the event loop, through the standard
 sqlite3 module, where each takes microseconds. (Through a thread per connection, as aiosqlite
 does, every statement, BEGIN and COMMIT is a hand-off between two threads: a transaction cost
-~0.85 ms of CPU, most of a worker's cost per shard.) What can wait never blocks the loop:
+~0.8 ms of CPU, most of a worker's cost per shard.) What can wait never blocks the loop:
 SQLite allows one writer at a time, so write transactions queue on an asyncio lock in this
 process, then begin IMMEDIATE (take the write lock up front, so two writers never deadlock on
 a lock upgrade) without a busy timeout, sleeping between tries while another process writes.
@@ -52,6 +52,7 @@ def _sync_url(url: str) -> str:
 
 
 _BUSY_SECONDS = 60.0  # how long a writer waits for another process's write lock
+_READERS = 4  # SQLite connections a process reads through at once
 
 
 class LoopConnection:
@@ -85,8 +86,10 @@ class Database:
         self.url = url
         self.is_sqlite = make_url(url).get_backend_name() == "sqlite"
         if self.is_sqlite:
-            self._sqlite_writer = self._sqlite_engine(url, busy_ms=0)
-            self._sqlite_reader = self._sqlite_engine(url, busy_ms=int(_BUSY_SECONDS * 1000))
+            self._sqlite_writer = self._sqlite_engine(url, connections=1, busy_ms=0)
+            self._sqlite_reader = self._sqlite_engine(
+                url, connections=_READERS, busy_ms=int(_BUSY_SECONDS * 1000)
+            )
             # Writers in this process queue here, readers wait for a free connection here:
             # never in the pool, where a wait would block the loop.
             self._write_turn = asyncio.Lock()
@@ -95,17 +98,17 @@ class Database:
             self._async = create_async_engine(_async_url(url), pool_size=10, max_overflow=10)
 
     @staticmethod
-    def _sqlite_engine(url: str, *, busy_ms: int) -> Engine:
+    def _sqlite_engine(url: str, *, connections: int, busy_ms: int) -> Engine:
         engine = create_engine(
             _sync_url(url),
-            pool_size=_READERS,
+            pool_size=connections,
             max_overflow=0,
             connect_args={"check_same_thread": False},  # a loop may run in any thread
         )
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn, _record):  # type: ignore[no-untyped-def]
-            dbapi_conn.isolation_level = None  # BEGIN is ours (_begin)
+            dbapi_conn.isolation_level = None  # BEGIN is ours (write(), read())
             cursor = dbapi_conn.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
@@ -153,9 +156,6 @@ class Database:
             self._sqlite_reader.dispose()
         else:
             await self._async.dispose()
-
-
-_READERS = 4  # SQLite connections a process reads through at once
 
 
 async def _begin_immediate(conn: Connection) -> None:
