@@ -96,6 +96,10 @@ class Database:
             self._read_slots = asyncio.Semaphore(_READERS)
         else:
             self._async = create_async_engine(_async_url(url), pool_size=10, max_overflow=10)
+            # Reads run each statement on its own (one round trip, not BEGIN, it, COMMIT): at
+            # READ COMMITTED, PostgreSQL's level, statements of one transaction do not share a
+            # snapshot either, so a read transaction guarantees nothing more.
+            self._async_reads = self._async.execution_options(isolation_level="AUTOCOMMIT")
 
     @staticmethod
     def _sqlite_engine(url: str, *, connections: int, busy_ms: int) -> Engine:
@@ -141,7 +145,7 @@ class Database:
     @asynccontextmanager
     async def read(self) -> AsyncIterator[StoreConnection]:
         if not self.is_sqlite:
-            async with self._async.begin() as conn:
+            async with self._async_reads.connect() as conn:
                 yield conn
             return
         async with self._read_slots:
