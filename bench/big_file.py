@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from processes import start_lowtide, start_worker, stop  # noqa: E402
 from throughput import proc_kib  # noqa: E402
-from workers import fresh_database  # noqa: E402
+from workers import database_config  # noqa: E402
 
 _TICKET = (
     "Order #{i} arrived with the charger missing and the box crushed on one side; I have "
@@ -48,8 +48,7 @@ def run_once(lines: int, tmp: Path, database_url: str | None) -> dict:
     input_path = tmp / f"input-{lines}.jsonl"
     write_input(input_path, lines)
     size = input_path.stat().st_size
-    url = database_url and fresh_database(database_url)
-    config = (f'database_url = "{url}"\n' if url else "") + (
+    config = database_config(database_url) + (
         '[[models]]\nname = "lowtide-echo"\nengine = "echo"\n'
         "[batches]\nmax_file_bytes = 21474836480\n"
     )

@@ -49,9 +49,13 @@ def fresh_database(base_url: str) -> str:
     return f"{base_url}/{name}"
 
 
+def database_config(base_url: str | None) -> str:
+    """The configuration line for a fresh PostgreSQL database, or "" for SQLite."""
+    return f'database_url = "{fresh_database(base_url)}"\n' if base_url else ""
+
+
 def run_once(args: argparse.Namespace, workers: int, input_path: Path, sim_url: str) -> dict:
-    url = args.database_url and fresh_database(args.database_url)
-    config = (f'database_url = "{url}"\n' if url else "") + (
+    config = database_config(args.database_url) + (
         f'[[models]]\nname = "sim-model"\nengine = "openai"\nbase_url = "{sim_url}"\n'
         f"max_concurrency = {args.concurrency}\nadaptive = false\n"
         f"[batches]\nshard_lines = {args.shard_lines}\n[worker]\nmax_active_shards = 4\n"

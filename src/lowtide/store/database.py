@@ -17,7 +17,7 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ def _sync_url(url: str) -> str:
 
 _BUSY_SECONDS = 60.0  # how long a writer waits for another process's write lock
 _READERS = 4  # SQLite connections a process reads through at once
+_BUFFERED = {"prebuffer_rows": True}  # rows read before execute returns, as AsyncConnection's
 
 
 class LoopConnection:
@@ -74,8 +75,6 @@ class LoopConnection:
     ) -> CursorResult[Any]:
         return self._conn.execute(statement, parameters, execution_options=_BUFFERED)
 
-
-_BUFFERED = {"prebuffer_rows": True}
 
 # What a store query runs on: PostgreSQL's async connection, or SQLite's on the loop.
 StoreConnection = AsyncConnection | LoopConnection
@@ -136,11 +135,10 @@ class Database:
             async with self._async.begin() as conn:
                 yield conn
             return
-        async with self._write_turn:
-            with self._sqlite_writer.connect() as conn:
-                await _begin_immediate(conn)
-                async with _committed(conn) as loop_conn:
-                    yield loop_conn
+        async with _sqlite_transaction(
+            self._write_turn, self._sqlite_writer, _begin_immediate
+        ) as conn:
+            yield conn
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[StoreConnection]:
@@ -148,11 +146,8 @@ class Database:
             async with self._async_reads.connect() as conn:
                 yield conn
             return
-        async with self._read_slots:
-            with self._sqlite_reader.connect() as conn:
-                conn.exec_driver_sql("BEGIN")
-                async with _committed(conn) as loop_conn:
-                    yield loop_conn
+        async with _sqlite_transaction(self._read_slots, self._sqlite_reader, _begin) as conn:
+            yield conn
 
     async def close(self) -> None:
         if self.is_sqlite:
@@ -162,11 +157,13 @@ class Database:
             await self._async.dispose()
 
 
-async def _begin_immediate(conn: Connection) -> None:
+async def _begin(raw: sqlite3.Connection) -> None:
+    raw.execute("BEGIN")  # a reader in WAL mode never waits for the write lock
+
+
+async def _begin_immediate(raw: sqlite3.Connection) -> None:
     """Take SQLite's write lock, sleeping (not blocking the loop) while another process holds
     it; after _BUSY_SECONDS, fail as a busy timeout would."""
-    raw = conn.connection.dbapi_connection
-    assert raw is not None
     delay, deadline = 0.001, time.monotonic() + _BUSY_SECONDS
     while True:
         try:
@@ -182,18 +179,26 @@ async def _begin_immediate(conn: Connection) -> None:
 
 
 @asynccontextmanager
-async def _committed(conn: Connection) -> AsyncIterator[LoopConnection]:
-    """The transaction BEGIN opened on `conn`: committed when the block ends, rolled back when
-    it raises (or is cancelled)."""
-    raw = conn.connection.dbapi_connection
-    assert raw is not None
-    try:
-        yield LoopConnection(conn)
-    except BaseException:
-        if conn.in_transaction():
-            conn.rollback()
-        raw.rollback()
-        raise
-    if conn.in_transaction():
-        conn.commit()  # SQLAlchemy's transaction began with the first statement (autobegin)
-    raw.commit()  # a no-op when that commit ended ours
+async def _sqlite_transaction(
+    turn: asyncio.Lock | asyncio.Semaphore,
+    engine: Engine,
+    begin: Callable[[sqlite3.Connection], Awaitable[None]],
+) -> AsyncIterator[LoopConnection]:
+    """A transaction on one of `engine`'s connections, taken once `turn` lets this task in (so
+    the pool never has to wait, which would block the loop): begun by `begin`, committed when
+    the block ends, rolled back when it raises (or is cancelled)."""
+    async with turn:
+        with engine.connect() as conn:
+            raw = conn.connection.dbapi_connection
+            assert isinstance(raw, sqlite3.Connection)
+            await begin(raw)
+            try:
+                yield LoopConnection(conn)
+            except BaseException:
+                if conn.in_transaction():
+                    conn.rollback()
+                raw.rollback()
+                raise
+            if conn.in_transaction():
+                conn.commit()  # SQLAlchemy's transaction began with the first statement
+            raw.commit()  # a no-op when that commit ended ours
