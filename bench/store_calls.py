@@ -25,7 +25,7 @@ import uvloop
 from sqlalchemy import text
 from workers import fresh_database
 
-from lowtide.store import batches, leases
+from lowtide.store import batches, chunks, leases, webhooks
 from lowtide.store.database import Database, sqlite_url
 
 
@@ -51,6 +51,9 @@ async def main(args: argparse.Namespace) -> None:
         "get a batch (an API retrieve)": lambda: batches.get_batch(db, "p", "batch_none"),
         "claim shards (a worker's tick)": lambda: leases.claim_shards(db, "w", time.time(), 30, 4),
         "claim a batch task": lambda: leases.claim_batch_task(db, "w", time.time(), 30),
+        "claim provider-batch chunks": lambda: chunks.claim_chunks(db, "w", time.time(), 30, 16),
+        "look for expired batches": lambda: leases.mark_expired(db, time.time()),
+        "look for webhook work": lambda: webhooks.work_due(db, time.time()),
     }
     runs: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(args.repeats):

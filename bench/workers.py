@@ -59,6 +59,7 @@ def run_once(args: argparse.Namespace, workers: int, input_path: Path, sim_url: 
         f'[[models]]\nname = "sim-model"\nengine = "openai"\nbase_url = "{sim_url}"\n'
         f"max_concurrency = {args.concurrency}\nadaptive = false\n"
         f"[batches]\nshard_lines = {args.shard_lines}\n[worker]\nmax_active_shards = 4\n"
+        + "".join(f"{setting}\n" for setting in args.worker_setting)
     )
     with tempfile.TemporaryDirectory(prefix="lowtide-bench-workers-") as tmp:
         data = Path(tmp)
@@ -152,6 +153,13 @@ def main() -> None:
     )
     p.add_argument("--database-url", help="PostgreSQL server URL (no database name)")
     p.add_argument("--no-bare", action="store_true", help="skip the bare aiohttp baseline row")
+    p.add_argument(
+        "--worker-setting",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a line for the workers' [worker] section, e.g. 'poll_seconds = 2' (repeatable)",
+    )
     args = p.parse_args()
     counts = [int(n) for n in args.workers.split(",")]
     sim = start_simulator("--latency-ms", str(args.latency_ms))

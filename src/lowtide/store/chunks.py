@@ -6,11 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import Float, Integer, and_, bindparam, func, insert, or_, select, update
 
 from lowtide.store.database import Database
 from lowtide.store.rows import COUNT_COLUMNS, BatchRow, ChunkRow, Counts, ShardRow
-from lowtide.store.schema import batches, shards, upstream_chunks
+from lowtide.store.schema import batches, one_of, shards, upstream_chunks
 from lowtide.store.usage import UsageDelta, add_usage, day_of
 from lowtide.vocabulary import BatchStatus, ChunkStatus
 
@@ -30,10 +30,10 @@ def _held(claim: ChunkClaim):  # type: ignore[no-untyped-def]
     )
 
 
-async def claim_chunks(
-    db: Database, worker: str, now: float, lease: float, limit: int
-) -> list[ChunkClaim]:
-    """Claim up to `limit` chunks that are due for their next step."""
+def _due_chunks_query():  # type: ignore[no-untyped-def]
+    """Chunks due for their next step, soonest first; parameters: now, limit. Built once: every
+    worker asks on every tick."""
+    now = bindparam("now", type_=Float)
     due = and_(
         upstream_chunks.c.status != ChunkStatus.DONE,
         or_(upstream_chunks.c.next_at.is_(None), upstream_chunks.c.next_at <= now),
@@ -41,19 +41,32 @@ async def claim_chunks(
             upstream_chunks.c.lease_owner.is_(None),
             upstream_chunks.c.lease_expires_at < now,
         ),
-        batches.c.status.in_((BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING)),
+        one_of(batches.c.status, (BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING)),
     )
+    return (
+        select(upstream_chunks)
+        .join(batches, batches.c.id == upstream_chunks.c.batch_id)
+        .where(due)
+        .order_by(upstream_chunks.c.next_at, upstream_chunks.c.batch_id)
+        .limit(bindparam("limit", type_=Integer))
+    )
+
+
+_DUE_CHUNKS = _due_chunks_query()
+
+
+async def claim_chunks(
+    db: Database, worker: str, now: float, lease: float, limit: int
+) -> list[ChunkClaim]:
+    """Claim up to `limit` chunks that are due for their next step."""
+    params = {"now": now, "limit": limit}
+    # Look first without the write lock: on most servers no route uses provider batches.
+    async with db.read() as conn:
+        if (await conn.execute(_DUE_CHUNKS, params)).first() is None:
+            return []
     claims: list[ChunkClaim] = []
     async with db.write() as conn:
-        rows = (
-            await conn.execute(
-                select(upstream_chunks)
-                .join(batches, batches.c.id == upstream_chunks.c.batch_id)
-                .where(due)
-                .order_by(upstream_chunks.c.next_at, upstream_chunks.c.batch_id)
-                .limit(limit)
-            )
-        ).all()
+        rows = (await conn.execute(_DUE_CHUNKS, params)).all()
         for row in rows:
             chunk = ChunkRow.from_row(row)
             epoch = chunk.lease_epoch + 1

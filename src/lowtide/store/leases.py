@@ -29,7 +29,7 @@ from sqlalchemy import (
 
 from lowtide.store.database import Database
 from lowtide.store.rows import BatchRow
-from lowtide.store.schema import batches, shards, upstream_chunks
+from lowtide.store.schema import batches, one_of, shards, upstream_chunks
 from lowtide.vocabulary import (
     SHARD_UNFINISHED,
     STOPPABLE,
@@ -95,7 +95,7 @@ def _free(table, now: float):  # type: ignore[no-untyped-def]
 def _unfinished_work():  # type: ignore[no-untyped-def]
     """The batch still has lines to run: a shard here, or a chunk with a provider."""
     return or_(
-        exists().where(shards.c.batch_id == batches.c.id, shards.c.status.in_(SHARD_UNFINISHED)),
+        exists().where(shards.c.batch_id == batches.c.id, one_of(shards.c.status, SHARD_UNFINISHED)),
         _unfinished_chunk(),
     )
 
@@ -117,7 +117,7 @@ def _live_shard(now: float):  # type: ignore[no-untyped-def]
 def _expiry_due():  # type: ignore[no-untyped-def]
     every_shard_done = ~_unfinished_work()
     return and_(
-        batches.c.status.in_(STOPPABLE),
+        one_of(batches.c.status, STOPPABLE),
         batches.c.stop_reason.is_(None),
         batches.c.expires_at <= bindparam("now", type_=Integer),
         # a batch whose every line finished completes, even if finalize has not started yet
@@ -160,7 +160,7 @@ def _batch_task_query():  # type: ignore[no-untyped-def]
         or_(
             and_(batches.c.status == BatchStatus.VALIDATING, stopped),
             and_(
-                batches.c.status.in_((BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING)),
+                one_of(batches.c.status, (BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING)),
                 stopped,
                 ~_live_shard(now),
                 ~_unfinished_chunk(),  # its chunks cancel their provider batches first
@@ -169,7 +169,7 @@ def _batch_task_query():  # type: ignore[no-untyped-def]
             batches.c.status == BatchStatus.FINALIZING,
         ),
     )
-    rerun = and_(batches.c.status.in_((BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING)), planning)
+    rerun = and_(one_of(batches.c.status, (BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING)), planning)
     return (
         select(batches)
         .where(_free(batches, now), or_(validate, rerun, finalize))
@@ -255,7 +255,7 @@ def _claim_query(idle_batches_only: bool):  # type: ignore[no-untyped-def]
     now = bindparam("now", type_=Float)
     claimable = and_(
         # pending (and not backing off), or running under a lease that has run out
-        shards.c.status.in_((ShardStatus.PENDING, ShardStatus.RUNNING)),
+        one_of(shards.c.status, (ShardStatus.PENDING, ShardStatus.RUNNING)),
         _free(shards, now),
         batches.c.status == BatchStatus.IN_PROGRESS,
         batches.c.stop_reason.is_(None),

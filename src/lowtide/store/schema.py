@@ -15,11 +15,19 @@ from sqlalchemy import (
     Table,
     Text,
     func,
+    or_,
 )
 
 from lowtide.store.rows import COUNT_COLUMNS, MONEY_COLUMNS
 
 metadata = MetaData()
+
+
+def one_of(column: Any, values: Any) -> Any:
+    """`column IN (values)` for a fixed set of constants, written as ORs (both databases plan
+    them as IN): a literal IN list is an "expanding" parameter that SQLAlchemy rewrites on every
+    execution, ~50 us of CPU on the queries every worker runs on every tick."""
+    return or_(*(column == value for value in values))
 
 
 def _count_columns(lines_type: type[Integer]) -> list[Column[Any]]:
