@@ -95,7 +95,9 @@ def _free(table, now: float):  # type: ignore[no-untyped-def]
 def _unfinished_work():  # type: ignore[no-untyped-def]
     """The batch still has lines to run: a shard here, or a chunk with a provider."""
     return or_(
-        exists().where(shards.c.batch_id == batches.c.id, one_of(shards.c.status, SHARD_UNFINISHED)),
+        exists().where(
+            shards.c.batch_id == batches.c.id, one_of(shards.c.status, SHARD_UNFINISHED)
+        ),
         _unfinished_chunk(),
     )
 
@@ -169,7 +171,9 @@ def _batch_task_query():  # type: ignore[no-untyped-def]
             batches.c.status == BatchStatus.FINALIZING,
         ),
     )
-    rerun = and_(one_of(batches.c.status, (BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING)), planning)
+    rerun = and_(
+        one_of(batches.c.status, (BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING)), planning
+    )
     return (
         select(batches)
         .where(_free(batches, now), or_(validate, rerun, finalize))
