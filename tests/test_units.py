@@ -232,6 +232,24 @@ def test_local_blob_listing_and_dead_writes(tmp_path):
     asyncio.run(scenario())
 
 
+def test_local_blob_keys_stay_inside_the_store(tmp_path):
+    """A key is checked lexically (no stat per folder): ".." that walks out, an absolute path or
+    the root itself is refused before any file is touched; ".." that stays inside is fine."""
+    from lowtide.blobs.local import LocalBlobStore
+
+    store = LocalBlobStore(tmp_path / "blobs")
+    (tmp_path / "secret").write_bytes(b"operator's")
+
+    async def scenario() -> None:
+        for key in ("../secret", "files/../../secret", "/etc/passwd", "", ".", "files/.."):
+            with pytest.raises(ValueError, match="escapes the store"):
+                await store.read(key)
+        await store.put("files/a/../b", b"inside")
+        assert await store.read("files/b") == b"inside"
+
+    asyncio.run(scenario())
+
+
 def test_local_blobs_under_a_relative_folder(tmp_path, monkeypatch):
     """`make run` passes a relative --data-dir: listing must still work (the sweeper uses it)."""
     from lowtide.blobs.local import LocalBlobStore
