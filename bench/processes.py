@@ -22,9 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def start_lowtide(
-    data_dir: Path, config: str | None = None, *extra: str
+    data_dir: Path, config: str | None = None, *extra: str, src: Path | None = None
 ) -> tuple[subprocess.Popen, OpenAI]:
-    """`lowtide serve` on a free port with its own data folder; returns (process, SDK client)."""
+    """`lowtide serve` on a free port with its own data folder; returns (process, SDK client).
+    `src`: run the lowtide package found there (another checkout's src/) instead of this one."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -34,7 +35,9 @@ def start_lowtide(
         path = data_dir / "lowtide.toml"
         path.write_text(config)
         args += ["--config", str(path)]
-    proc = subprocess.Popen([sys.executable, "-m", "lowtide.cli", "serve", *args, *extra])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lowtide.cli", "serve", *args, *extra], env=_env(src)
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -56,7 +59,17 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def start_worker(data_dir: Path) -> subprocess.Popen:
+def _env(src: Path | None) -> dict[str, str] | None:
+    """The environment that makes `python -m lowtide...` import the package under `src`."""
+    if src is None:
+        return None
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]),
+    }
+
+
+def start_worker(data_dir: Path, src: Path | None = None) -> subprocess.Popen:
     """`lowtide worker` on the data folder and configuration a start_lowtide() call wrote,
     returned once it says it is running: a worker spends ~1.4 CPU seconds starting (imports,
     migrations check), which must not count as the CPU of the first batch it runs."""
@@ -65,7 +78,9 @@ def start_worker(data_dir: Path) -> subprocess.Popen:
     if config.exists():
         args += ["--config", str(config)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lowtide.cli", "worker", *args], stderr=subprocess.PIPE
+        [sys.executable, "-m", "lowtide.cli", "worker", *args],
+        stderr=subprocess.PIPE,
+        env=_env(src),
     )
     running = threading.Event()
     threading.Thread(target=_forward, args=(proc, running), daemon=True).start()

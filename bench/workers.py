@@ -12,11 +12,13 @@ sending the same requests to the same simulator with the same in-flight limit, n
 Lowtide around it. "cpu ms/line" is the CPU of the sending process(es) alone per line: the bare
 loop, or the worker processes (the API's and the simulator's CPU are in their own columns), and
 "vs bare" divides it by the bare loop's. Repeats are interleaved (bare, 1, 2, 4 workers, bare,
-...) so every row sees the same machine; each cell is the median.
+...) so every row sees the same machine; each cell is the median. --baseline-src adds a row
+"base": one worker (and its API) running another checkout's code, e.g. a `git worktree` of the
+previous commit, so a change is measured against what it replaced in the same run.
 
     .venv/bin/python bench/workers.py [--workers 1,2,4] [--lines 20000] [--latency-ms 100]
         [--concurrency 32] [--repeats 1] [--shard-lines 250]
-        [--database-url postgresql://postgres@127.0.0.1] [--no-bare]
+        [--database-url postgresql://postgres@127.0.0.1] [--no-bare] [--baseline-src DIR/src]
 """
 
 from __future__ import annotations
@@ -54,7 +56,13 @@ def database_config(base_url: str | None) -> str:
     return f'database_url = "{fresh_database(base_url)}"\n' if base_url else ""
 
 
-def run_once(args: argparse.Namespace, workers: int, input_path: Path, sim_url: str) -> dict:
+def run_once(
+    args: argparse.Namespace,
+    workers: int,
+    input_path: Path,
+    sim_url: str,
+    src: Path | None = None,
+) -> dict:
     config = database_config(args.database_url) + (
         f'[[models]]\nname = "sim-model"\nengine = "openai"\nbase_url = "{sim_url}"\n'
         f"max_concurrency = {args.concurrency}\nadaptive = false\n"
@@ -63,8 +71,8 @@ def run_once(args: argparse.Namespace, workers: int, input_path: Path, sim_url: 
     )
     with tempfile.TemporaryDirectory(prefix="lowtide-bench-workers-") as tmp:
         data = Path(tmp)
-        api, client = start_lowtide(data, config, "--no-workers")
-        procs = [start_worker(data) for _ in range(workers)]
+        api, client = start_lowtide(data, config, "--no-workers", src=src)
+        procs = [start_worker(data, src) for _ in range(workers)]
         try:
             with input_path.open("rb") as fh:
                 f = client.files.create(file=fh, purpose="batch")
@@ -154,6 +162,11 @@ def main() -> None:
     p.add_argument("--database-url", help="PostgreSQL server URL (no database name)")
     p.add_argument("--no-bare", action="store_true", help="skip the bare aiohttp baseline row")
     p.add_argument(
+        "--baseline-src",
+        type=Path,
+        help="another checkout's src/ folder: adds a row 'base', one worker running that code",
+    )
+    p.add_argument(
         "--worker-setting",
         action="append",
         default=[],
@@ -173,7 +186,9 @@ def main() -> None:
         f"{'workers cpu s':>13} {'cpu ms/line':>11} {'vs bare':>7} {'sim cpu s':>9} "
         f"{'API MiB':>8} {'worker MiB':>10}"
     )
-    groups: list[int | str] = ([] if args.no_bare else ["bare"]) + counts
+    groups: list[int | str] = (
+        ([] if args.no_bare else ["bare"]) + (["base"] if args.baseline_src else []) + counts
+    )
     runs: dict[int | str, list[dict]] = {g: [] for g in groups}
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -184,6 +199,8 @@ def main() -> None:
                     sim0 = cpu_seconds(sim.process.pid)
                     if g == "bare":
                         run = run_bare(args, input_path, sim.url)
+                    elif g == "base":
+                        run = run_once(args, 1, input_path, sim.url, args.baseline_src)
                     else:
                         run = run_once(args, int(g), input_path, sim.url)
                     run["sim_cpu"] = cpu_seconds(sim.process.pid) - sim0
@@ -200,9 +217,13 @@ def main() -> None:
             ms = 1000 * med["worker_cpu"] / args.lines
             if g == "bare":
                 bare_ms = ms
-            else:
+            elif g != "base":
                 base = base or med["lines_per_s"]
-            speed = f"{med['lines_per_s'] / base:>7.2f}x" if base and g != "bare" else f"{'':>8}"
+            speed = (
+                f"{med['lines_per_s'] / base:>7.2f}x"
+                if base and g not in ("bare", "base")
+                else f"{'':>8}"
+            )
             ratio = f"{ms / bare_ms:>6.2f}x" if bare_ms else f"{'':>7}"
             api_cpu, api_mib, worker_mib = (
                 (f"{'-':>9}", f"{'-':>8}", f"{'-':>10}")  # the bare loop has no API process
