@@ -137,9 +137,10 @@ def test_fair_share_serves_small_batch_and_honours_weights():
 
 
 def test_lanes_follow_the_window_and_keep_fair_queuing():
-    """A shard's lanes shrink only while its own batch alone waits for a full window; lines of
-    another batch waiting keep every lane (fair queuing needs them queued); a slot nobody
-    uses asks for one lane more; a budget wait changes nothing."""
+    """A shard's lanes shrink while its own batch alone waits for a full window, or its batch
+    runs more lanes than the window holds; lines of another batch waiting keep every lane (fair
+    queuing needs them queued); a slot nobody uses asks for one lane more; a budget wait
+    changes nothing."""
 
     async def scenario() -> None:
         route = ModelRoute(name="m", engine="echo", max_concurrency=2, adaptive=False, rpm=None)
@@ -164,6 +165,23 @@ def test_lanes_follow_the_window_and_keep_fair_queuing():
         for permit in granted:
             c.release(permit, status=200, used_tokens=10)
         assert c.lanes_wanted("a") == 1
+
+        # Lanes counted per batch: a new shard starts what the window holds beyond them (at
+        # least one), and a lane beyond the window leaves even while nobody waits (else each
+        # release would hand its slot to the extra lane, and every line would queue).
+        assert c.lanes_to_start("a") == 2
+        c.lane_started("a")
+        c.lane_started("a")
+        assert c.lanes_to_start("a") == 1 and c.lanes_to_start("b") == 2
+        assert c.lanes_wanted("a") == 0  # a window of lanes: none more, even with slots free
+        c.lane_started("a")
+        assert c.lanes_wanted("a") == -1 and c.lanes_wanted("b") == 1
+        c.backing_off += 1  # a line asleep in a retry backoff holds no slot: its lane may stay
+        assert c.lanes_wanted("a") == 0
+        c.backing_off -= 1
+        for _ in range(3):
+            c.lane_ended("a")
+        assert c.lanes == {} and c.lanes_wanted("a") == 1
 
         paused = RouteController(ModelRoute(name="p", engine="echo", max_concurrency=4, rpm=1))
         assert paused.try_acquire("a", 1.0, 10) is not None  # the one request a minute

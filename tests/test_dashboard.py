@@ -407,7 +407,7 @@ def test_route_history_is_bounded_and_gives_rates_per_step():
     controller = RouteController(route)
     watch = RouteWatch(lambda: {route.name: controller}, [route], step=5, span=60)
     for i in range(40):  # 200 s of samples, 60 s kept
-        controller._m_tokens.inc(50)
+        controller.tokens += 50
         controller.count("200")
         watch.sample(1000.0 + 5 * i)
     history = watch.history()

@@ -77,32 +77,34 @@ class RouteController:
         self._next_probe = 0.0
         self._queues: dict[str, _BatchQueue] = {}
         self._waiting = 0
+        # Lanes running lines of each batch on this route in this process (the shards keep
+        # it), and lines asleep in a retry backoff (the senders keep it).
+        self.lanes: dict[str, int] = {}
+        self.backing_off = 0
         self._vclock = 0.0  # virtual time of the last grant: new batches start here
         self._kick = asyncio.Event()
         self._pump_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
-        # Labelled metric children, looked up once: this is on every request's path. The two
-        # gauges are read from this controller when /metrics is scraped, not set per request.
+        # The two gauges are read from this controller when /metrics is scraped, not set per
+        # request; so are the counters, plain numbers here (metrics.RouteCounts).
         self._m_in_flight = metrics.route_in_flight.labels(self.name)
         self._m_window = metrics.route_window.labels(self.name)
         me = weakref.ref(self)
         self._m_in_flight.set_function(lambda: _read(me, "in_flight"))
         self._m_window.set_function(lambda: _read(me, "window_limit"))
-        self._m_tokens = metrics.route_tokens.labels(self.name)
-        self._m_limited = metrics.route_rate_limited.labels(self.name)
-        self._m_retries = metrics.route_retries.labels(self.name)
-        self._m_outcomes: dict[str, object] = {}
+        self.requests: dict[int | str, int] = {}  # answered requests by outcome
+        self.tokens = 0
+        self.rate_limited = 0
+        self.retries = 0
+        metrics.watch_route(self)
         self._last_log = (time.monotonic(), 0.0, 0.0, 0.0)
 
-    def count(self, outcome: str) -> None:
+    def count(self, outcome: int | str) -> None:
         """One request answered (`outcome` is the status code, or the transient error's code)."""
-        child = self._m_outcomes.get(outcome)
-        if child is None:
-            child = self._m_outcomes[outcome] = metrics.route_requests.labels(self.name, outcome)
-        child.inc()  # type: ignore[attr-defined]
+        self.requests[outcome] = self.requests.get(outcome, 0) + 1
 
     def retried(self) -> None:
-        self._m_retries.inc()
+        self.retries += 1
 
     @property
     def window_limit(self) -> int:
@@ -114,26 +116,77 @@ class RouteController:
 
         Fewer: the window is full and only this batch's lines wait for it, so a lane fewer
         costs the batch nothing, and every line it would have taken skips waiting (a future, a
-        wake-up: a fifth of Lowtide's own CPU per line). Lines of other batches waiting keep
-        every lane: then weighted fair queuing needs each batch's lines in the queue. More:
-        nobody waits and a slot of the window is unused (the window grew, or lines sleep in
-        a retry backoff)."""
+        wake-up: a fifth of Lowtide's own CPU per line). Fewer too: the batch runs more lanes
+        here than the window holds (two shards overlap, the window shrank), even while nobody
+        waits: with one lane too many, each release hands its slot to that lane's waiting line
+        and the releasing lane's next line waits in turn, for good. Lines of other batches
+        waiting keep every lane: then weighted fair queuing needs each batch's lines in the
+        queue. More:
+        nobody waits, a slot of the window is unused, and the batch runs fewer lanes here than
+        the window holds, besides those asleep in a retry backoff (the window grew, or lines
+        back off). A slot is often free for a moment only, between one line of a lane and its
+        next: counting lanes keeps that from starting lanes that would then wait."""
+        limit = self.window.limit
         if self._waiting:
-            if self.in_flight < self.window.limit:
+            if self.in_flight < limit:
                 return 0  # waiting for a budget or a pause, not for the window
             queue = self._queues.get(batch)
             return -1 if queue is not None and len(queue.waiters) == self._waiting else 0
-        return 1 if self.in_flight + 1 < self.window.limit else 0
+        lanes, room = self.lanes.get(batch, 0), limit + self.backing_off
+        if lanes > room:
+            return -1
+        return 1 if self.in_flight + 1 < limit and lanes < room else 0
+
+    def lanes_to_start(self, batch: str) -> int:
+        """Lanes a new shard of `batch` starts: what the window holds beyond the lanes the
+        batch already runs here, at least one. Each lane beyond the window would make every
+        line wait for a permit (a future and a wake-up); lanes_wanted adds lanes as the window
+        grows, and another batch's shard still starts a window's worth, so both queue."""
+        return max(1, self.window.limit - self.lanes.get(batch, 0))
+
+    def lane_started(self, batch: str) -> None:
+        self.lanes[batch] = self.lanes.get(batch, 0) + 1
+
+    def lane_ended(self, batch: str) -> None:
+        left = self.lanes.get(batch, 0) - 1
+        if left > 0:
+            self.lanes[batch] = left
+        else:
+            self.lanes.pop(batch, None)
 
     # -- asking for a permit -------------------------------------------------------------
     def try_acquire(self, batch: str, weight: float, cost: int) -> Permit | None:
-        """A permit now, when the route has room and nobody waits; else None (then `acquire`)."""
-        self._ensure_watch()
-        if self._waiting or self._blocked_for(cost) != 0.0:
+        """A permit now, when the route has room and nobody waits; else None (then `acquire`).
+
+        On every request's path: what `_queue` and `_grant` do is written out here for the
+        usual route (nothing waits, only the window limits it), one call instead of five."""
+        if self._watch_task is None and self.route.metrics_url:
+            self._ensure_watch()
+        if self._waiting or self.in_flight >= self.window.limit:
             return None
-        permit = Permit(batch, cost)
-        self._grant(permit, self._queue(batch, weight))
-        return permit
+        if not (
+            self.problem is None
+            and self.rpm is None
+            and self.tpm is None
+            and self.paused_until == 0.0
+        ):
+            if self._blocked_for(cost) != 0.0:
+                return None
+            permit = Permit(batch, cost)
+            self._grant(permit, self._queue(batch, weight))
+            return permit
+        queue = self._queues.get(batch)
+        if queue is None:
+            queue = self._queues[batch] = _BatchQueue(weight, self._vclock)
+        else:
+            queue.weight = weight
+            if queue.vtime < self._vclock:  # nothing waits: no credit for idle time
+                queue.vtime = self._vclock
+        queue.vtime += 1.0 / weight
+        self._vclock = queue.vtime
+        self.in_flight += 1
+        self.in_flight_cost += cost
+        return Permit(batch, cost, time.monotonic())
 
     async def acquire(self, batch: str, weight: float, cost: int, *, tried: bool = False) -> Permit:
         """A permit, once there is room and it is this batch's turn. (`tried`: the caller's
@@ -315,7 +368,7 @@ class RouteController:
         if status == 0 or status in ROUTE_DOWN_STATUSES:  # nothing learned about load
             pass
         elif status == 429:
-            self._m_limited.inc()
+            self.rate_limited += 1
             if self.rpm is not None:
                 self.rpm.give_back(1)  # a refused request does not count against the limit
             if self.tpm is not None:
@@ -330,7 +383,7 @@ class RouteController:
             if self.tpm is not None and used_tokens is not None:
                 self.tpm.give_back(permit.cost - used_tokens)
             if used_tokens:
-                self._m_tokens.inc(used_tokens)
+                self.tokens += used_tokens
         if headers:
             # Last: what the upstream says is left bounds whatever our own accounting believes
             # (an upstream that charges max_tokens up front never refunds the difference).
@@ -368,9 +421,7 @@ class RouteController:
     def log_line(self) -> str | None:
         """A summary since the last call, or None if the route was idle."""
         now = time.monotonic()
-        tokens = self._m_tokens._value.get()  # type: ignore[attr-defined]
-        limited = self._m_limited._value.get()  # type: ignore[attr-defined]
-        retries = self._m_retries._value.get()  # type: ignore[attr-defined]
+        tokens, limited, retries = self.tokens, self.rate_limited, self.retries
         last_t, last_tokens, last_limited, last_retries = self._last_log
         self._last_log = (now, tokens, limited, retries)
         if not (

@@ -26,16 +26,12 @@ class _Totals:
     retries: float
 
 
-def _value(child: object) -> float:
-    return float(child._value.get())  # type: ignore[attr-defined]
-
-
 def _totals(c: RouteController) -> _Totals:
     return _Totals(
-        tokens=_value(c._m_tokens),
-        requests=sum(_value(child) for child in list(c._m_outcomes.values())),
-        limited=_value(c._m_limited),
-        retries=_value(c._m_retries),
+        tokens=float(c.tokens),
+        requests=float(sum(list(c.requests.values()))),
+        limited=float(c.rate_limited),
+        retries=float(c.retries),
     )
 
 

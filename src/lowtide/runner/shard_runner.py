@@ -95,7 +95,7 @@ class ShardRun:
 
     async def _dispatch(self, lines: list[bytes]) -> None:
         """Start the lanes that run the shard's lines: each takes the next line when its last
-        one is done, so at most a window of lines is in flight or waiting for admission. (A
+        one is done, so about a window of lines is in flight or waiting for admission. (A
         lane per window slot, not a task per line: this is every line's path.) Lines go in file
         order, or grouped by prompt prefix where the route asks (prefix_groups.py)."""
         start, end = self.claim.committed, self.claim.request_count
@@ -105,10 +105,13 @@ class ShardRun:
             todo = iter(dispatch_order(lines, start, end))
         else:
             todo = iter(range(start, end))
-        window = min(1024, 2 * route.max_concurrency) if route else 64
-        self._controller = self.ctx.admission(route) if route else None
-        self._max_lanes = window
-        for _ in range(min(window, end - start)):
+        if route is None:
+            self._max_lanes = lanes = 64
+        else:
+            self._max_lanes = min(1024, 2 * route.max_concurrency)
+            self._controller = self.ctx.admission(route)
+            lanes = min(self._max_lanes, self._controller.lanes_to_start(self.claim.batch_id))
+        for _ in range(min(lanes, end - start)):
             self._add_lane(todo, lines)
 
     def _add_lane(self, todo: Iterator[int], lines: list[bytes]) -> None:
@@ -116,6 +119,10 @@ class ShardRun:
         task = asyncio.create_task(self._lane(todo, lines))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        controller, batch = self._controller, self.claim.batch_id
+        if controller is not None:  # counted until the task is done (even cancelled unstarted)
+            controller.lane_started(batch)
+            task.add_done_callback(lambda _: controller.lane_ended(batch))
 
     async def _drain(self) -> None:
         if not self._tasks:
@@ -156,15 +163,22 @@ class ShardRun:
 
     # -- one line ------------------------------------------------------------------------
     async def _lane(self, todo: Iterator[int], lines: list[bytes]) -> None:
-        """Run lines one after another. A shard starts with twice its route's concurrency of
-        lanes, then follows the admission window: a lane leaves when only its own batch waits
-        for a full window, and another starts when a slot goes unused (lanes_wanted)."""
+        """Run lines one after another. A shard starts the lanes its route's window holds beyond
+        those its batch runs here already (lanes_to_start), then follows the window: a lane
+        leaves when only its own batch waits for a full window, and another starts when a slot
+        goes unused (lanes_wanted)."""
+        claim, sender = self.claim, self._sender
         try:
             for index in todo:
                 if self.stopping or self.lost:
                     return
                 try:
-                    done = await self._execute(index, lines[index])
+                    previous = self._previous
+                    if previous is not None and (kept := previous[index]) is not None:
+                        done = self._replay(kept, lines[index])
+                    else:
+                        line_id = request_line_id(claim.batch_id, claim.first_request + index)
+                        done = await sender.run_line(line_id, lines[index])
                 except Exception:  # a bug fails one line (left unfinished: a gap), never the lane
                     log.exception(
                         "line %d of shard %s/%s failed", index, self.claim.batch_id, self.claim.idx
@@ -190,12 +204,6 @@ class ShardRun:
         self._ready = ready
         if ready - self._committed >= self.ctx.config.segment_lines:
             self._commit_wanted.set()
-
-    async def _execute(self, index: int, raw: bytes) -> FinishedLine | None:
-        if self._previous is not None and (kept := self._previous[index]) is not None:
-            return self._replay(kept, raw)
-        line_id = request_line_id(self.claim.batch_id, self.claim.first_request + index)
-        return await self._sender.run_line(line_id, raw)
 
     def uncommitted(self) -> tuple[int, int]:
         """(ok, failed) lines finished but not committed yet (a progress view, not a result)."""
