@@ -36,9 +36,12 @@ def parse_retry_after(headers: Any) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+_JSON_CONTAINERS = (dict, list)
 ANTHROPIC_VERSION = "2023-06-01"  # the Messages API version a route with api = "anthropic" asks for
 _LIMIT_PREFIXES = (b"x-ratelimit-", b"anthropic-ratelimit-")
 _HINTS = frozenset((b"retry-after", b"retry-after-ms", b"x-request-id", b"request-id"))
+# The first byte of every name above, either case: the others are skipped unread.
+_FIRST_BYTES = frozenset(bytes([b]) for b in b"xXaArR")
 
 
 def read_answer_headers(raw: Any) -> tuple[dict[str, str], dict[str, str]]:
@@ -48,6 +51,8 @@ def read_answer_headers(raw: Any) -> tuple[dict[str, str], dict[str, str]]:
     limits: dict[str, str] = {}
     hints: dict[str, str] = {}
     for name, value in raw:
+        if name[:1] not in _FIRST_BYTES:  # date, server, content-*: no call spent on them
+            continue
         name = name.lower()
         if name.startswith(_LIMIT_PREFIXES):
             limits.setdefault(name.decode("latin-1"), value.decode("latin-1"))
@@ -122,7 +127,7 @@ class OpenAIHttpEngine(Engine):
             parsed = None
         if parsed is None and status // 100 == 2:
             status = 502
-        if not isinstance(parsed, dict | list):
+        if not isinstance(parsed, _JSON_CONTAINERS):
             text = raw[:2000].decode("utf-8", "replace")
             message = f"Upstream answered HTTP {status} with a non-JSON body: {text}"
             parsed = error_response(status, message, type="upstream_error").body
@@ -130,7 +135,11 @@ class OpenAIHttpEngine(Engine):
             status_code=status,
             body=parsed,
             request_id=hints.get("x-request-id") or hints.get("request-id"),
-            retry_after=parse_retry_after(hints),
+            retry_after=(
+                parse_retry_after(hints)
+                if "retry-after" in hints or "retry-after-ms" in hints
+                else None
+            ),
             headers=limits,
         )
 

@@ -31,13 +31,14 @@ def answered(
 ) -> FinishedLine:
     """A line the engine answered, priced at its route's prices: the batch price, or the full
     price for a synchronous call on a route whose lines normally go as provider batches."""
+    if not route.priced:  # on every line's path: a route without prices asks nothing more
+        return FinishedLine(result, usage, model, answered=True, priced=False)
     sync = route.sync_price(usage.input_tokens, usage.cached_tokens, usage.output_tokens)
     return FinishedLine(
         result,
         usage,
         model,
         answered=True,
-        priced=route.priced,
         cost=sync * route.price_factor(provider_batch=provider_batch),
         sync_cost=sync,
     )

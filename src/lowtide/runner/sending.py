@@ -8,20 +8,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
 
-from lowtide.admission.controller import Permit, RouteController
+from lowtide.admission.controller import ROUTE_DOWN_STATUSES, Permit, RouteController
 from lowtide.admission.estimate import estimate_tokens
 from lowtide.config import ModelRoute
 from lowtide.engines.base import Engine, EngineResponse, TransientEngineError
 from lowtide.runner.accounting import FinishedLine, answered, unanswered
 from lowtide.runner.context import RunnerContext
 from lowtide.runner.results import error_line, response_line, usage_of
-from lowtide.runner.retry import backoff_seconds, is_retryable_status, route_refusal
-from lowtide.runner.schema_check import answer_check, split_extension, violation_line
+from lowtide.runner.retry import (
+    RETRYABLE_STATUS,
+    backoff_seconds,
+    is_retryable_status,
+    route_refusal,
+)
+from lowtide.runner.schema_check import EXTENSION, answer_check, split_extension, violation_line
 from lowtide.store.rows import Usage
 from lowtide.vocabulary import PRIORITIES
 
@@ -48,34 +55,73 @@ class Halt(Protocol):
     lost: bool
 
 
+@dataclass(slots=True, frozen=True)
+class _Target:
+    """Where the lines naming one model go on this batch's endpoint."""
+
+    route: ModelRoute
+    engine: Engine
+    controller: RouteController
+
+
 class LineSender:
+    """Sends the lines of one batch (a shard's, a chunk's). What is the same for all of them
+    is worked out once here, not on every line's path: the route, engine and admission of each
+    model named (looked up at its first line), the batch's share and when it is boosted, whether
+    its project has a budget to look at."""
+
     def __init__(self, ctx: RunnerContext, batch: BatchScope, halt: Halt) -> None:
         self.ctx = ctx
         self.batch = batch
         self.halt = halt
         self.queued: set[asyncio.Task[Any]] = set()  # line tasks waiting for a permit
+        self._targets: dict[str, _Target] = {}
+        self._budgeted = ctx.spend is not None and ctx.spend.limited(batch.project)
+        self._weight = PRIORITIES.get(batch.priority, 1.0)
+        window = batch.expires_at - batch.created_at
+        # The last quarter of the completion window: the batch's lines go first (weight x8).
+        self._boost_at = batch.expires_at - 0.25 * window if window > 0 else math.inf
+
+    def _target(self, model: str) -> _Target | tuple[str, str]:
+        """The model's target, or (code, message) for its lines' error."""
+        route = self.ctx.router.route_for(model)
+        endpoint = self.batch.endpoint
+        if route is None:
+            return "model_not_found", (
+                f"The provided model '{model}' is not served by this Lowtide server."
+            )
+        if endpoint not in route.served_endpoints():  # Messages lines get here
+            return (
+                "unsupported_endpoint",
+                f"The model '{route.name}' does not serve {endpoint} here.",
+            )
+        try:
+            engine = self.ctx.router.engine_for(route).for_endpoint(endpoint)
+        except Exception as exc:  # a misconfigured route fails its lines, never the shard
+            return "engine_error", f"The engine for '{route.name}' could not be created: {exc}"
+        target = self._targets[model] = _Target(route, engine, self.ctx.admission(route))
+        return target
 
     async def run_line(self, line_id: str, raw: bytes) -> FinishedLine | None:
         """The line's result, or None if it is left for later (never sent, halted)."""
         request = orjson.loads(raw)
         custom_id = request["custom_id"]
-        body, check_flag = split_extension(request["body"])  # never sent to an engine
-        route = self.ctx.router.route_for(str(body.get("model")))
-        if route is None:
-            message = (
-                f"The provided model '{body.get('model')}' is not served by this Lowtide server."
-            )
-            return unanswered(error_line(line_id, custom_id, "model_not_found", message))
-        if self.batch.endpoint not in route.served_endpoints():  # Messages lines get here
-            message = f"The model '{route.name}' does not serve {self.batch.endpoint} here."
-            return unanswered(error_line(line_id, custom_id, "unsupported_endpoint", message))
-        try:
-            engine = self.ctx.router.engine_for(route).for_endpoint(self.batch.endpoint)
-        except Exception as exc:  # a misconfigured route fails its lines, never the shard
-            message = f"The engine for '{route.name}' could not be created: {exc}"
-            return unanswered(error_line(line_id, custom_id, "engine_error", message))
-        controller = self.ctx.admission(route)
-        check = answer_check(route, self.batch.endpoint, body, check_flag)
+        body = request["body"]
+        check_flag = None
+        if EXTENSION in body:
+            body, check_flag = split_extension(body)  # never sent to an engine
+        model = str(body.get("model"))
+        target = self._targets.get(model)
+        if target is None:
+            target = self._target(model)
+            if isinstance(target, tuple):
+                return unanswered(error_line(line_id, custom_id, *target))
+        route, engine, controller = target.route, target.engine, target.controller
+        check = (
+            answer_check(route, self.batch.endpoint, body, check_flag)
+            if check_flag is not None or route.validate_schema
+            else None
+        )
         schema_retries = 0
         discarded: Usage | None = None  # answers asked again for their schema: paid for too
         while True:
@@ -93,7 +139,6 @@ class LineSender:
                 break
             if schema_retries >= check.retries or self.halt.stopping:
                 result = violation_line(line_id, custom_id, response, reason)
-                model = str(body.get("model"))
                 return answered(result, usage, route, model, provider_batch=False)
             schema_retries += 1  # the answer does not match its schema: ask again
             discarded = usage
@@ -107,7 +152,7 @@ class LineSender:
         if self.halt.stopping and is_retryable_status(response.status_code):
             return None
         result = response_line(line_id, custom_id, response)
-        return answered(result, usage, route, str(body.get("model")), provider_batch=False)
+        return answered(result, usage, route, model, provider_batch=False)
 
     async def _attempts(
         self,
@@ -123,7 +168,7 @@ class LineSender:
         A refusal of the route itself (401, 403, 404) uses no retry: the line waits with every
         other line of the route until a probe finds the route working again.
         """
-        batch, cfg, paused = self.batch, self.ctx.config, self.ctx.paused
+        batch, cfg, paused, halt = self.batch, self.ctx.config, self.ctx.paused, self.halt
         # The token estimate matters only to a token budget; a route without one (yet: it may
         # learn one from the answers' headers) skips it, on every line's path.
         cost: int | None = None
@@ -134,9 +179,15 @@ class LineSender:
         while True:
             if cost is None and controller.tpm is not None:
                 cost = estimate_tokens(batch.endpoint, body)
-            permit = await self._permit(controller, cost or 0)
+            permit = None
+            if not self._budgeted and not halt.stopping and not halt.lost:
+                # The usual case: room now, no wait (and no budget to look at).
+                weight = self._weight if time.time() < self._boost_at else 8 * self._weight
+                permit = controller.try_acquire(batch.batch_id, weight, cost or 0)
             if permit is None:
-                return None, None, _NO_USAGE  # stopped while waiting: this line never starts
+                permit = await self._permit(controller, cost or 0)
+                if permit is None:
+                    return None, None, _NO_USAGE  # stopped while waiting: it never starts
             try:
                 response, failure = await engine.execute(batch.endpoint, body), None
             except TransientEngineError as exc:
@@ -149,25 +200,45 @@ class LineSender:
                 log.exception("engine %s failed on %s", route.name, custom_id)
                 message = f"The engine failed: {exc.__class__.__name__}: {exc}"
                 return None, TransientEngineError("engine_error", message), _NO_USAGE
-            usage = self._account(controller, permit, response, failure)
-            if response is not None:
-                refusal = route_refusal(route.name, response.status_code, response.body)
-                if refusal is not None:
-                    controller.block(refusal)
-                    await self.ctx.note_paused(batch.batch_id, refusal)
-                    continue
-                controller.route_ok()
-                if paused.get(batch.batch_id) is not None:  # (a no-op, not a call, per line)
+            if response is None:
+                controller.release(permit, status=None)
+                controller.count(failure.code if failure else "error")
+                usage = _NO_USAGE
+            else:
+                status = response.status_code
+                usage = usage_of(response.body)
+                controller.release(
+                    permit,
+                    status=status,
+                    used_tokens=usage.input_tokens + usage.output_tokens,
+                    retry_after=response.retry_after,
+                    headers=response.headers,
+                )
+                controller.count(status)
+                if status in ROUTE_DOWN_STATUSES:
+                    refusal = route_refusal(route.name, status, response.body)
+                    if refusal is not None:
+                        controller.block(refusal)
+                        await self.ctx.note_paused(batch.batch_id, refusal)
+                        continue
+                if controller.problem is not None:
+                    controller.route_ok()
+                if paused and paused.get(batch.batch_id) is not None:
                     await self.ctx.note_paused(batch.batch_id, None)
-            if response is not None and not is_retryable_status(response.status_code):
-                return response, None, usage
-            if attempt == route.max_retries or self.halt.stopping or self.halt.lost:
+                if status < 500 and status not in RETRYABLE_STATUS:
+                    return response, None, usage
+            if attempt == route.max_retries or halt.stopping or halt.lost:
                 return response, failure, usage
             controller.retried()
             retry_after = response.retry_after if response is not None else None
-            await asyncio.sleep(
-                backoff_seconds(attempt, cfg.retry_base_seconds, cfg.retry_max_seconds, retry_after)
+            delay = backoff_seconds(
+                attempt, cfg.retry_base_seconds, cfg.retry_max_seconds, retry_after
             )
+            controller.backing_off += 1  # its lane holds no slot meanwhile: another may run
+            try:
+                await asyncio.sleep(delay)
+            finally:
+                controller.backing_off -= 1
             attempt += 1
 
     async def _permit(self, controller: RouteController, cost: int) -> Permit | None:
@@ -182,7 +253,7 @@ class LineSender:
                 await asyncio.sleep(1.0)
         if self.halt.stopping or self.halt.lost:
             return None
-        weight = self._weight()
+        weight = self._weight if time.time() < self._boost_at else 8 * self._weight
         permit = controller.try_acquire(self.batch.batch_id, weight, cost)
         if permit is not None:  # the usual case: room now, no wait
             return permit
@@ -197,38 +268,6 @@ class LineSender:
             controller.release(permit, status=0)
             return None
         return permit
-
-    @staticmethod
-    def _account(
-        controller: RouteController,
-        permit: Permit,
-        response: EngineResponse | None,
-        failure: TransientEngineError | None,
-    ) -> Usage:
-        """Return the permit with what the answer taught; the answer's usage."""
-        if response is None:
-            controller.release(permit, status=None)
-            controller.count(failure.code if failure else "error")
-            return _NO_USAGE
-        usage = usage_of(response.body)
-        controller.release(
-            permit,
-            status=response.status_code,
-            used_tokens=usage.input_tokens + usage.output_tokens,
-            retry_after=response.retry_after,
-            headers=response.headers,
-        )
-        controller.count(str(response.status_code))
-        return usage
-
-    def _weight(self) -> float:
-        """This batch's share: its priority, boosted when its window is about to close."""
-        batch = self.batch
-        weight = PRIORITIES.get(batch.priority, 1.0)
-        window = batch.expires_at - batch.created_at
-        if window > 0 and batch.expires_at - time.time() < 0.25 * window:
-            weight *= 8  # the last quarter of the completion window: go first
-        return weight
 
 
 def _sum(a: Usage, b: Usage) -> Usage:
