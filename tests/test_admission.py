@@ -192,3 +192,35 @@ def test_lanes_follow_the_window_and_keep_fair_queuing():
         waiter.cancel()
 
     asyncio.run(scenario())
+
+
+def test_route_counters_are_exported_when_scraped():
+    """Controllers keep plain numbers; /metrics reads them at scrape time, summed over the
+    controllers of one route in the process, and forgets a controller once it is gone."""
+    import gc
+
+    from prometheus_client import REGISTRY, generate_latest
+
+    route = ModelRoute(name="scraped-route", engine="echo", max_concurrency=2, adaptive=False)
+    first, second = RouteController(route), RouteController(route)
+    first.count(200)
+    first.count(200)
+    second.count(200)
+    second.count("request_timeout")
+    first.tokens += 40
+    second.tokens += 2
+    first.rate_limited += 1
+    second.retried()
+    text = generate_latest(REGISTRY).decode()
+    assert 'lowtide_route_requests_total{outcome="200",route="scraped-route"} 3.0' in text
+    assert (
+        'lowtide_route_requests_total{outcome="request_timeout",route="scraped-route"} 1.0' in text
+    )
+    assert 'lowtide_route_tokens_total{route="scraped-route"} 42.0' in text
+    assert 'lowtide_route_rate_limited_total{route="scraped-route"} 1.0' in text
+    assert 'lowtide_route_retries_total{route="scraped-route"} 1.0' in text
+    del first, second
+    gc.collect()
+    text = generate_latest(REGISTRY).decode()
+    assert 'route_requests_total{outcome="200",route="scraped-route"}' not in text
+    assert 'route_tokens_total{route="scraped-route"}' not in text
