@@ -16,9 +16,13 @@ loop, or the worker processes (the API's and the simulator's CPU are in their ow
 "base": one worker (and its API) running another checkout's code, e.g. a `git worktree` of the
 previous commit, so a change is measured against what it replaced in the same run.
 
+--embedding-dim N sends embeddings requests instead of chat ones, each answered with one vector
+of N floats (1536: text-embedding-3-small's size), where the answer is most of the bytes.
+
     .venv/bin/python bench/workers.py [--workers 1,2,4] [--lines 20000] [--latency-ms 100]
         [--concurrency 32] [--repeats 1] [--shard-lines 250]
         [--database-url postgresql://postgres@127.0.0.1] [--no-bare] [--baseline-src DIR/src]
+        [--embedding-dim 1536]
 """
 
 from __future__ import annotations
@@ -49,6 +53,15 @@ def fresh_database(base_url: str) -> str:
     with psycopg.connect(f"{base_url}/postgres", autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
     return f"{base_url}/{name}"
+
+
+def write_embedding_input(path: Path, lines: int, model: str) -> None:
+    """Embeddings request lines, one short text each (the answer is the large part)."""
+    with path.open("w") as fh:
+        for i in range(lines):
+            body = {"model": model, "input": f"ticket {i}: printer offline again"}
+            req = {"custom_id": f"req-{i:08d}", "method": "POST", "url": "/v1/embeddings"}
+            fh.write(json.dumps({**req, "body": body}, separators=(",", ":")) + "\n")
 
 
 def database_config(base_url: str | None) -> str:
@@ -83,7 +96,7 @@ def run_once(
 
             t0 = time.perf_counter()
             batch = client.batches.create(
-                input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+                input_file_id=f.id, endpoint=f"/v1/{args.path}", completion_window="24h"
             )
             # The workers' CPU when the batch is first seen running and first seen finalizing:
             # validation, sending and finalize apart (to a poll interval, 50 ms).
@@ -123,7 +136,7 @@ def run_bare(args: argparse.Namespace, input_path: Path, sim_url: str) -> dict:
             sys.executable,
             str(Path(__file__).resolve().parent / "bare_client.py"),
             "--url",
-            f"{sim_url}/chat/completions",
+            f"{sim_url}/{args.path}",
             "--requests-file",
             str(input_path),
             "--concurrency",
@@ -159,6 +172,12 @@ def main() -> None:
     p.add_argument(
         "--shard-lines", type=int, default=250, help="lines per shard (server default: 1000)"
     )
+    p.add_argument(
+        "--embedding-dim",
+        type=int,
+        default=0,
+        help="send embeddings requests answered with vectors of this size (default: chat)",
+    )
     p.add_argument("--database-url", help="PostgreSQL server URL (no database name)")
     p.add_argument("--no-bare", action="store_true", help="skip the bare aiohttp baseline row")
     p.add_argument(
@@ -175,10 +194,14 @@ def main() -> None:
     )
     args = p.parse_args()
     counts = [int(n) for n in args.workers.split(",")]
-    sim = start_simulator("--latency-ms", str(args.latency_ms))
+    args.path = "embeddings" if args.embedding_dim else "chat/completions"
+    sim = start_simulator(
+        "--latency-ms", str(args.latency_ms), "--embedding-dim", str(args.embedding_dim or 8)
+    )
     print(
         f"{os.cpu_count()} CPUs; {args.lines} lines; upstream latency {args.latency_ms:g} ms; "
         f"{args.concurrency} in flight per worker; {args.shard_lines} lines a shard; "
+        f"/v1/{args.path}{f' ({args.embedding_dim} floats)' if args.embedding_dim else ''}; "
         f"store: {'PostgreSQL' if args.database_url else 'SQLite'} + local folder"
     )
     print(
@@ -193,7 +216,10 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             input_path = Path(tmp) / "input.jsonl"
-            write_input(input_path, args.lines, "sim-model")
+            if args.embedding_dim:
+                write_embedding_input(input_path, args.lines, "sim-model")
+            else:
+                write_input(input_path, args.lines, "sim-model")
             for rep in range(args.repeats):
                 for g in groups:
                     sim0 = cpu_seconds(sim.process.pid)

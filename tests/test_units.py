@@ -191,6 +191,8 @@ def test_result_line_shapes():
 def test_segment_lines_round_trip():
     lines = [ResultLine(True, b'{"a":1}'), ResultLine(False, b'{"b":2}'), ResultLine(True, b"{}")]
     assert list(segment_lines.decode(segment_lines.encode(lines))) == lines
+    views = segment_lines.decode_views(segment_lines.encode(lines))
+    assert [ResultLine(ok, bytes(view)) for ok, view in views] == lines
     assert list(segment_lines.decode(b"")) == []
 
 
@@ -333,6 +335,67 @@ def test_upstream_requests_time_out_at_the_routes_timeout_and_cancels_stay_cance
                 await stopped
             again = await engine.execute("/v1/chat/completions", {})
             assert again.status_code == 200
+        finally:
+            await engine.close()
+            await runner.cleanup()
+
+    asyncio.run(scenario())
+
+
+def test_result_lines_carry_the_upstreams_answer_bytes_unless_they_span_lines():
+    """An answer that parsed goes into its result line as the upstream sent it (not decoded and
+    encoded again: an embedding's floats keep their digits), without a trailing newline; a
+    pretty-printed answer is encoded again as one line; a body replaced here (the Messages
+    translation) is written as replaced."""
+    from aiohttp import web
+
+    from lowtide.engines.anthropic_messages import MessagesOverChat
+    from lowtide.engines.openai_http import OpenAIHttpEngine
+
+    compact = b'{"object":"list","data":[{"embedding":[0.1000000000000000055511151231257827]}]}'
+    pretty = b'{\n  "usage": {"prompt_tokens": 3}\n}\n'
+    chat = (
+        b'{"id":"c","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},'
+        b'"finish_reason":"stop"}],"usage":{"prompt_tokens":2,"completion_tokens":1}}'
+    )
+    answers = {"compact": compact + b"\n", "pretty": pretty, "chat": chat, "bad": b'{"a":'}
+
+    async def answer(request: web.Request) -> web.Response:
+        kind = (await request.json())["model"]
+        status = 500 if kind == "bad" else 200
+        return web.Response(body=answers[kind], status=status, content_type="application/json")
+
+    async def scenario() -> None:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", answer)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        route = ModelRoute(name="m", engine="openai", base_url=f"http://127.0.0.1:{port}/v1")
+        engine = OpenAIHttpEngine(route)
+        try:
+
+            async def line(kind: str, endpoint: str = "/v1/chat/completions") -> bytes:
+                target = MessagesOverChat(engine) if endpoint == "/v1/messages" else engine
+                body = {"model": kind, "max_tokens": 8}
+                body["messages"] = [{"role": "user", "content": "hello"}]
+                response = await target.execute(endpoint, body)
+                result = response_line("i", "c", response).line
+                assert b"\n" not in result and orjson.loads(result)["custom_id"] == "c"
+                return result
+
+            spliced = await line("compact")
+            assert b'"body":' + compact + b"}" in spliced  # the upstream's digits, as sent
+            assert orjson.loads(spliced)["response"]["body"] == orjson.loads(compact)
+            again = orjson.loads(await line("pretty"))
+            assert again["response"]["body"] == {"usage": {"prompt_tokens": 3}}
+            broken = orjson.loads(await line("bad"))
+            assert broken["response"]["status_code"] == 500
+            assert "non-JSON body" in broken["error"]["message"]
+            message = orjson.loads(await line("chat", "/v1/messages"))["response"]["body"]
+            assert message["type"] == "message" and message["content"][0]["text"] == "hi"
         finally:
             await engine.close()
             await runner.cleanup()

@@ -18,7 +18,7 @@ class _LocalWriter(BlobWriter):
         self._fh = open(tmp_path, "wb")  # noqa: SIM115 - closed in commit/abort
         self.bytes_written = 0
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | bytearray) -> None:
         # Local page-cache writes are fast enough to do inline on the event loop.
         self._fh.write(data)
         self.bytes_written += len(data)

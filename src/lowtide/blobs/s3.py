@@ -28,7 +28,7 @@ class _S3Writer(BlobWriter):
         self._parts: list[dict[str, Any]] = []
         self.bytes_written = 0
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | bytearray) -> None:
         self._buffer += data
         self.bytes_written += len(data)
         if len(self._buffer) >= PART_BYTES:

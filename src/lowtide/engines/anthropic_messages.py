@@ -153,6 +153,7 @@ class MessagesOverChat(Engine):
         if not 200 <= response.status_code < 300 or not isinstance(response.body, dict):
             return response
         response.body = from_chat(response.body, str(body.get("model")), chat.get("stop"))
+        response.body_json = None  # the upstream's bytes are the chat answer's
         return response
 
     def count_input_tokens(self, endpoint: str, bodies: list[dict[str, Any]]) -> list[int] | None:

@@ -20,6 +20,10 @@ class EngineResponse:
     request_id: str | None = None
     retry_after: float | None = None
     headers: Mapping[str, str] | None = None  # rate-limit headers, for admission to learn from
+    # The upstream's own bytes for `body` (one line of JSON), written into the result line as
+    # they are: an embedding's thousands of floats are not encoded again. None where the body
+    # was built here; whoever replaces `body` sets it to None.
+    body_json: bytes | None = None
 
 
 def error_response(

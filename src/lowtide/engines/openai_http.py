@@ -61,6 +61,13 @@ def read_answer_headers(raw: Any) -> tuple[dict[str, str], dict[str, str]]:
     return limits, hints
 
 
+def one_line(raw: bytes) -> bytes | None:
+    """JSON that parsed, as one line for a JSONL file: without the newline many servers end it
+    with; None when it spans lines (pretty-printed), to be encoded again."""
+    raw = raw.strip(b" \t\r\n")
+    return None if b"\n" in raw or b"\r" in raw else raw
+
+
 class OpenAIHttpEngine(Engine):
     def __init__(self, route: ModelRoute) -> None:
         if not route.base_url:
@@ -127,20 +134,24 @@ class OpenAIHttpEngine(Engine):
             parsed = None
         if parsed is None and status // 100 == 2:
             status = 502
-        if not isinstance(parsed, _JSON_CONTAINERS):
+        if isinstance(parsed, _JSON_CONTAINERS):
+            body_json = one_line(raw)
+        else:
             text = raw[:2000].decode("utf-8", "replace")
             message = f"Upstream answered HTTP {status} with a non-JSON body: {text}"
             parsed = error_response(status, message, type="upstream_error").body
+            body_json = None
         return EngineResponse(
-            status_code=status,
-            body=parsed,
-            request_id=hints.get("x-request-id") or hints.get("request-id"),
-            retry_after=(
+            status,
+            parsed,
+            hints.get("x-request-id") or hints.get("request-id"),
+            (
                 parse_retry_after(hints)
                 if "retry-after" in hints or "retry-after-ms" in hints
                 else None
             ),
-            headers=limits,
+            limits,
+            body_json,
         )
 
     async def close(self) -> None:

@@ -42,7 +42,7 @@ class _OutputFile:
         self.lines = 0
         self._buffer = bytearray()
 
-    async def add(self, line: bytes) -> None:
+    async def add(self, line: bytes | memoryview) -> None:
         self._buffer += line
         self._buffer += b"\n"
         self.lines += 1
@@ -51,8 +51,9 @@ class _OutputFile:
 
     async def flush(self) -> None:
         if self._buffer:
-            await self.writer.write(bytes(self._buffer))
-            self._buffer.clear()
+            # Handed over as it is, not copied to bytes: a writer may keep it (an S3 part).
+            data, self._buffer = self._buffer, bytearray()
+            await self.writer.write(data)
 
 
 async def finalize_batch(db: Database, blobs: BlobStore, task: BatchTask) -> bool:
@@ -73,13 +74,13 @@ async def finalize_batch(db: Database, blobs: BlobStore, task: BatchTask) -> boo
         for shard in shards:
             for segment in by_shard.get(shard.idx, []):
                 segment_keys.append(segment.blob_key)
-                results = list(segment_lines.decode(await blobs.read(segment.blob_key)))
+                results = list(segment_lines.decode_views(await blobs.read(segment.blob_key)))
                 if len(results) != segment.count:
                     raise RuntimeError(
                         f"segment {segment.blob_key} has {len(results)} lines, {segment.count} committed"
                     )
-                for result in results:
-                    await (out if result.ok else err).add(result.line)
+                for ok, line in results:
+                    await (out if ok else err).add(line)
             if shard.prev_key is not None:
                 segment_keys.append(shard.prev_key)
             if shard.status != ShardStatus.UPSTREAM and shard.committed < shard.request_count:

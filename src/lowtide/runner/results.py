@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from orjson import Fragment
 
 from lowtide.engines.base import EngineResponse
 from lowtide.ids import new_request_id
@@ -65,7 +66,8 @@ def response_line(
         "response": {
             "status_code": response.status_code,
             "request_id": response.request_id or new_request_id(),
-            "body": response.body,
+            # The upstream's bytes where there are some (they parsed): not encoded again.
+            "body": response.body if response.body_json is None else Fragment(response.body_json),
         },
         "error": error,
     }
