@@ -36,7 +36,7 @@ def start_lowtide(
         path.write_text(config)
         args += ["--config", str(path)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lowtide.cli", "serve", *args, *extra], env=_env(src)
+        [sys.executable, "-m", "lowtide.cli", "serve", *args, *extra], env=env_for(src)
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -59,7 +59,7 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def _env(src: Path | None) -> dict[str, str] | None:
+def env_for(src: Path | None) -> dict[str, str] | None:
     """The environment that makes `python -m lowtide...` import the package under `src`."""
     if src is None:
         return None
@@ -80,7 +80,7 @@ def start_worker(data_dir: Path, src: Path | None = None) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, "-m", "lowtide.cli", "worker", *args],
         stderr=subprocess.PIPE,
-        env=_env(src),
+        env=env_for(src),
     )
     running = threading.Event()
     threading.Thread(target=_forward, args=(proc, running), daemon=True).start()
