@@ -48,6 +48,11 @@ def test_prefix_key_is_the_start_of_the_prompt_whatever_the_key_order():
     assert prefix_key(b'{"custom_id": "x", "body": {"model": "m"}}') == b""
     anthropic = b'{"custom_id":"m","body":{"model":"c","system":"Be brief.","messages":[]}}'
     assert prefix_key(anthropic).startswith(b'"system"')
+    # A key's text before the body (a custom_id named like one) is not the prompt.
+    named = b'{"custom_id":"input","body":{"model":"c","prompt":"Say hi."}}'
+    assert prefix_key(named) == b'"prompt":"Say hi."}}'
+    responses = b'{"body":{"instructions":"Be brief.","input":[{"role":"user","content":"x"}]}}'
+    assert prefix_key(responses).startswith(b'"instructions":"Be brief.","input"')
 
 
 def test_dispatch_order_groups_by_first_appearance_and_keeps_file_order_inside():

@@ -8,7 +8,7 @@ CHARS_PER_TOKEN = 4.0
 DEFAULT_COMPLETION = {"/v1/completions": 16, "/v1/embeddings": 0}
 
 
-_TEXT_KEYS = ("content", "text", "input", "prompt", "messages")
+_TEXT_KEYS = frozenset(("content", "text", "input", "prompt", "messages"))
 
 
 def _chars(value: Any) -> int:
@@ -22,9 +22,8 @@ def _chars(value: Any) -> int:
         return total
     if isinstance(value, dict):
         total = 0
-        for key in _TEXT_KEYS:
-            item = value.get(key)
-            if item is not None:
+        for key, item in value.items():  # a message has 2-3 keys: fewer steps than 5 lookups
+            if key in _TEXT_KEYS and item is not None:
                 total += len(item) if type(item) is str else _chars(item)
         return total
     return 0

@@ -15,6 +15,7 @@ shard holds more finished lines in memory before they commit (at most the shard)
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 
 __all__ = ["KEY_BYTES", "dispatch_order", "prefix_key"]
@@ -23,6 +24,8 @@ __all__ = ["KEY_BYTES", "dispatch_order", "prefix_key"]
 KEY_BYTES = 256
 # Where a prompt starts in a request body, whichever API: the first of these keys in the line.
 _PROMPT_KEYS = (b'"system"', b'"instructions"', b'"messages"', b'"prompt"', b'"input"')
+# Any of them, the leftmost found in one scan (at most one can start at a given byte).
+_PROMPT_KEY = re.compile(b"|".join(re.escape(key) for key in _PROMPT_KEYS))
 
 
 def prefix_key(raw: bytes) -> bytes:
@@ -30,14 +33,11 @@ def prefix_key(raw: bytes) -> bytes:
     message when it has several (the system prompt, the examples: not the document), or b""
     when it has none. A quoted key cannot occur inside a JSON string (its quotes would be
     escaped)."""
-    body = max(raw.find(b'"body"'), 0)
-    at = -1
-    for key in _PROMPT_KEYS:
-        found = raw.find(key, body)
-        if found >= 0 and (at < 0 or found < at):
-            at = found
-    if at < 0:
+    body = raw.find(b'"body"')
+    found = _PROMPT_KEY.search(raw, body if body > 0 else 0)
+    if found is None:
         return b""
+    at = found.start()
     end = at + KEY_BYTES
     last = raw.rfind(b'"role"', at)
     if last > at and raw.find(b'"role"', at) < last:  # two messages or more
