@@ -42,7 +42,21 @@ async def send_all(url: str, path: str, concurrency: int, client: str = "aiohttp
 
         await asyncio.gather(*(sender() for _ in range(concurrency)))
 
-    if client == "httpx":
+    if client == "pyreqwest":
+        import datetime
+
+        from pyreqwest.client import ClientBuilder
+
+        builder = ClientBuilder().max_connections(concurrency).default_headers(headers)
+        builder = builder.timeout(datetime.timedelta(seconds=300)).no_proxy().gzip(True)
+        async with builder.build() as rq:
+
+            async def post(data: bytes) -> tuple[int, bytes]:
+                resp = await rq.post(url).body_bytes(data).build().send()
+                return resp.status, bytes(await resp.bytes())
+
+            await send(post)
+    elif client == "httpx":
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         async with httpx.AsyncClient(limits=limits, headers=headers) as http:
 
@@ -76,9 +90,10 @@ def main() -> None:
     p.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     p.add_argument(
         "--client",
-        choices=["aiohttp", "httpx"],
+        choices=["aiohttp", "httpx", "pyreqwest"],
         default="aiohttp",
-        help="the HTTP client library (Lowtide's workers use aiohttp)",
+        help="the HTTP client library (Lowtide's routes use aiohttp, or pyreqwest where a route "
+        "sets http_client)",
     )
     args = p.parse_args()
     coro = send_all(args.url, args.requests_file, args.concurrency, args.client)

@@ -22,7 +22,7 @@ of N floats (1536: text-embedding-3-small's size), where the answer is most of t
     .venv/bin/python bench/workers.py [--workers 1,2,4] [--lines 20000] [--latency-ms 100]
         [--concurrency 32] [--repeats 1] [--shard-lines 250]
         [--database-url postgresql://postgres@127.0.0.1] [--no-bare] [--baseline-src DIR/src]
-        [--embedding-dim 1536]
+        [--embedding-dim 1536] [--http-client aiohttp,pyreqwest]
 """
 
 from __future__ import annotations
@@ -75,11 +75,13 @@ def run_once(
     input_path: Path,
     sim_url: str,
     src: Path | None = None,
+    client: str = "aiohttp",
 ) -> dict:
     config = database_config(args.database_url) + (
         f'[[models]]\nname = "sim-model"\nengine = "openai"\nbase_url = "{sim_url}"\n'
         f"max_concurrency = {args.concurrency}\nadaptive = false\n"
-        f"[batches]\nshard_lines = {args.shard_lines}\n[worker]\nmax_active_shards = 4\n"
+        + (f'http_client = "{client}"\n' if client != "aiohttp" else "")
+        + f"[batches]\nshard_lines = {args.shard_lines}\n[worker]\nmax_active_shards = 4\n"
         + "".join(f"{setting}\n" for setting in args.worker_setting)
     )
     with tempfile.TemporaryDirectory(prefix="lowtide-bench-workers-") as tmp:
@@ -129,7 +131,7 @@ def run_once(
             stop(api)
 
 
-def run_bare(args: argparse.Namespace, input_path: Path, sim_url: str) -> dict:
+def run_bare(args: argparse.Namespace, input_path: Path, sim_url: str, client: str) -> dict:
     """The bare aiohttp loop in its own process; its CPU is measured inside, from input to end."""
     out = subprocess.run(
         [
@@ -141,6 +143,8 @@ def run_bare(args: argparse.Namespace, input_path: Path, sim_url: str) -> dict:
             str(input_path),
             "--concurrency",
             str(args.concurrency),
+            "--client",
+            client,
         ],
         check=True,
         capture_output=True,
@@ -171,6 +175,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument(
         "--shard-lines", type=int, default=250, help="lines per shard (server default: 1000)"
+    )
+    p.add_argument(
+        "--http-client",
+        default="aiohttp",
+        help="the route's http_client and the bare loop's library; two, comma-separated "
+        "(aiohttp,pyreqwest), run every row on each, interleaved",
     )
     p.add_argument(
         "--embedding-dim",
@@ -209,10 +219,16 @@ def main() -> None:
         f"{'workers cpu s':>13} {'cpu ms/line':>11} {'vs bare':>7} {'sim cpu s':>9} "
         f"{'API MiB':>8} {'worker MiB':>10}"
     )
-    groups: list[int | str] = (
-        ([] if args.no_bare else ["bare"]) + (["base"] if args.baseline_src else []) + counts
-    )
-    runs: dict[int | str, list[dict]] = {g: [] for g in groups}
+    # Rows: "bare", "base", worker counts; with a second HTTP client, the same again as
+    # "bare@pyreqwest", "1@pyreqwest", ... (each row against its own client's bare loop).
+    clients = args.http_client.split(",")
+    groups: list[str] = []
+    for client in clients:
+        at = "" if client == clients[0] else f"@{client}"
+        groups += [] if args.no_bare else [f"bare{at}"]
+        groups += ["base"] if args.baseline_src and not at else []
+        groups += [f"{n}{at}" for n in counts]
+    runs: dict[str, list[dict]] = {g: [] for g in groups}
     try:
         with tempfile.TemporaryDirectory() as tmp:
             input_path = Path(tmp) / "input.jsonl"
@@ -223,12 +239,14 @@ def main() -> None:
             for rep in range(args.repeats):
                 for g in groups:
                     sim0 = cpu_seconds(sim.process.pid)
-                    if g == "bare":
-                        run = run_bare(args, input_path, sim.url)
-                    elif g == "base":
-                        run = run_once(args, 1, input_path, sim.url, args.baseline_src)
+                    kind, _, client = g.partition("@")
+                    client = client or clients[0]
+                    if kind == "bare":
+                        run = run_bare(args, input_path, sim.url, client)
+                    elif kind == "base":
+                        run = run_once(args, 1, input_path, sim.url, args.baseline_src, client)
                     else:
-                        run = run_once(args, int(g), input_path, sim.url)
+                        run = run_once(args, int(kind), input_path, sim.url, None, client)
                     run["sim_cpu"] = cpu_seconds(sim.process.pid) - sim0
                     runs[g].append(run)
                     ms = 1000 * run["worker_cpu"] / args.lines
@@ -237,23 +255,25 @@ def main() -> None:
                         file=sys.stderr,
                         flush=True,
                     )
-        base = bare_ms = None
+        base = None
+        bare_ms: dict[str, float] = {}  # by client suffix
         for g in groups:
             med = {k: statistics.median(r[k] for r in runs[g]) for k in runs[g][0]}
             ms = 1000 * med["worker_cpu"] / args.lines
-            if g == "bare":
-                bare_ms = ms
-            elif g != "base":
+            kind, at, client = g.partition("@")
+            if kind == "bare":
+                bare_ms[client] = ms
+            elif kind != "base":
                 base = base or med["lines_per_s"]
             speed = (
                 f"{med['lines_per_s'] / base:>7.2f}x"
-                if base and g not in ("bare", "base")
+                if base and kind not in ("bare", "base")
                 else f"{'':>8}"
             )
-            ratio = f"{ms / bare_ms:>6.2f}x" if bare_ms else f"{'':>7}"
+            ratio = f"{ms / bare_ms[client]:>6.2f}x" if client in bare_ms else f"{'':>7}"
             api_cpu, api_mib, worker_mib = (
                 (f"{'-':>9}", f"{'-':>8}", f"{'-':>10}")  # the bare loop has no API process
-                if g == "bare"
+                if kind == "bare"
                 else (
                     f"{med['api_cpu']:>9.1f}",
                     f"{med['api_mib']:>8.0f}",
@@ -271,22 +291,23 @@ def main() -> None:
         sim.stop()
 
 
-def print_phases(groups: list[int | str], runs: dict[int | str, list[dict]], lines: int) -> None:
+def print_phases(groups: list[str], runs: dict[str, list[dict]], lines: int) -> None:
     """Where the sending processes' CPU went, per line: validating the input, sending (the
     batch in_progress: the part the bare loop does too), finalizing the output."""
     print(
         f"\n{'workers':>7} {'validate us/line':>16} {'send us/line':>12} {'send vs bare':>12} "
         f"{'finalize us/line':>16}"
     )
-    bare_us = None
+    bare_us: dict[str, float] = {}  # by client suffix
     for g in groups:
         us = {
             k: 1e6 * statistics.median(r[f"{k}_cpu"] for r in runs[g]) / lines
             for k in ("validate", "send", "finalize")
         }
-        if g == "bare":
-            bare_us = us["send"]
-        ratio = f"{us['send'] / bare_us:>11.2f}x" if bare_us else f"{'':>12}"
+        kind, _, client = g.partition("@")
+        if kind == "bare":
+            bare_us[client] = us["send"]
+        ratio = f"{us['send'] / bare_us[client]:>11.2f}x" if client in bare_us else f"{'':>12}"
         print(
             f"{g:>7} {us['validate']:>16.1f} {us['send']:>12.1f} {ratio} {us['finalize']:>16.1f}",
             flush=True,

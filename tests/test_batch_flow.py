@@ -6,7 +6,7 @@ import io
 import json
 
 import pytest
-from support import chat_line, jsonl, sim_stats, wait_for_batch
+from support import chat_line, jsonl, make_config, sim_stats, wait_for_batch
 
 
 def _upload(client, lines: list[dict], name: str = "requests.jsonl"):
@@ -209,3 +209,37 @@ def test_sim_saw_each_line_once_without_faults(sim_url, client):
     )
     wait_for_batch(client, b.id)
     assert sim_stats(sim_url)["max_per_body"] == max(before, 1)
+
+
+def test_a_route_on_pyreqwest_runs_a_batch_like_aiohttp(make_server, sim_url):
+    """`http_client = "pyreqwest"`: the same batch, answers, retries and error lines as the
+    default client (the SDK sees no difference)."""
+    models = f"""
+[[models]]
+name = "sim-model"
+engine = "openai"
+base_url = "{sim_url}"
+http_client = "pyreqwest"
+max_concurrency = 16
+timeout = 2
+max_retries = 8
+"""
+    client = make_server(make_config(models=models)).start().client()
+    lines = [chat_line(f"req-{i}", f"question {i}") for i in range(60)]
+    lines += [chat_line(f"flaky-{i}", "x", sim_fail_first=2, sim_fault=503) for i in range(3)]
+    lines += [chat_line(f"limited-{i}", "x", sim_fail_first=1, sim_fault=429) for i in range(3)]
+    lines += [chat_line("gone", "x", sim_fault=404)]
+    b = client.batches.create(
+        input_file_id=_upload(client, lines).id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    b = wait_for_batch(client, b.id)
+    assert b.status == "completed", b
+    assert b.request_counts.completed == 66 and b.request_counts.failed == 1
+    out = _read_lines(client, b.output_file_id)
+    assert [o["custom_id"] for o in out] == [line["custom_id"] for line in lines[:-1]]
+    assert all(o["response"]["request_id"].startswith("req_") for o in out)
+    assert out[0]["response"]["body"]["choices"][0]["message"]["content"] == "echo: question 0"
+    [gone] = _read_lines(client, b.error_file_id)
+    assert gone["custom_id"] == "gone" and gone["response"]["status_code"] == 404

@@ -14,7 +14,7 @@ from support import chat_line, jsonl
 from lowtide.config import BatchLimits, ModelRoute, parse_duration
 from lowtide.engines.base import EngineResponse
 from lowtide.engines.openai_http import parse_retry_after
-from lowtide.engines.router import Router
+from lowtide.engines.router import Router, build_engine
 from lowtide.runner import segment_lines
 from lowtide.runner.duplicates import DuplicateFinder
 from lowtide.runner.results import error_line, response_line, usage_of
@@ -293,14 +293,15 @@ def test_answer_headers_read_in_one_pass_match_a_case_insensitive_lookup():
     assert read_answer_headers(()) == ({}, {})
 
 
-def test_upstream_requests_time_out_at_the_routes_timeout_and_cancels_stay_cancels():
+@pytest.mark.parametrize("client", ["aiohttp", "pyreqwest"])
+def test_upstream_requests_time_out_at_the_routes_timeout_and_cancels_stay_cancels(client):
     """The HTTP engine keeps each request to the route's `timeout`: a request still unanswered
     then fails as `request_timeout` (retried like any transient failure), one answered in time
-    is untouched, and a cancel from elsewhere (a shard stopping) stays a cancel."""
+    is untouched, a cancel from elsewhere (a shard stopping) stays a cancel, and an upstream
+    that is not there fails as `connection_error`; on either HTTP client."""
     from aiohttp import web
 
     from lowtide.engines.base import TransientEngineError
-    from lowtide.engines.openai_http import OpenAIHttpEngine
 
     async def answer(request: web.Request) -> web.Response:
         body = await request.json()
@@ -316,9 +317,15 @@ def test_upstream_requests_time_out_at_the_routes_timeout_and_cancels_stay_cance
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         route = ModelRoute(
-            name="m", engine="openai", base_url=f"http://127.0.0.1:{port}/v1", timeout=0.4
+            name="m",
+            engine="openai",
+            base_url=f"http://127.0.0.1:{port}/v1",
+            timeout=0.4,
+            http_client=client,
         )
-        engine = OpenAIHttpEngine(route)
+        engine = build_engine(route, Path("."))
+        used = {"aiohttp": "OpenAIHttpEngine", "pyreqwest": "PyreqwestEngine"}[client]
+        assert type(engine.inner).__name__ == used  # type: ignore[attr-defined]
         try:
             started = time.monotonic()
             slow = asyncio.create_task(engine.execute("/v1/chat/completions", {"sleep": 2}))
@@ -335,6 +342,13 @@ def test_upstream_requests_time_out_at_the_routes_timeout_and_cancels_stay_cance
                 await stopped
             again = await engine.execute("/v1/chat/completions", {})
             assert again.status_code == 200
+            gone = build_engine(
+                route.model_copy(update={"base_url": "http://127.0.0.1:9"}), Path(".")
+            )
+            with pytest.raises(TransientEngineError) as err:
+                await gone.execute("/v1/chat/completions", {})
+            assert err.value.code == "connection_error"
+            await gone.close()
         finally:
             await engine.close()
             await runner.cleanup()
@@ -342,15 +356,13 @@ def test_upstream_requests_time_out_at_the_routes_timeout_and_cancels_stay_cance
     asyncio.run(scenario())
 
 
-def test_result_lines_carry_the_upstreams_answer_bytes_unless_they_span_lines():
+@pytest.mark.parametrize("client", ["aiohttp", "pyreqwest"])
+def test_result_lines_carry_the_upstreams_answer_bytes_unless_they_span_lines(client):
     """An answer that parsed goes into its result line as the upstream sent it (not decoded and
     encoded again: an embedding's floats keep their digits), without a trailing newline; a
     pretty-printed answer is encoded again as one line; a body replaced here (the Messages
     translation) is written as replaced."""
     from aiohttp import web
-
-    from lowtide.engines.anthropic_messages import MessagesOverChat
-    from lowtide.engines.openai_http import OpenAIHttpEngine
 
     compact = b'{"object":"list","data":[{"embedding":[0.1000000000000000055511151231257827]}]}'
     pretty = b'{\n  "usage": {"prompt_tokens": 3}\n}\n'
@@ -373,15 +385,15 @@ def test_result_lines_carry_the_upstreams_answer_bytes_unless_they_span_lines():
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        route = ModelRoute(name="m", engine="openai", base_url=f"http://127.0.0.1:{port}/v1")
-        engine = OpenAIHttpEngine(route)
+        base_url = f"http://127.0.0.1:{port}/v1"
+        route = ModelRoute(name="m", engine="openai", base_url=base_url, http_client=client)
+        engine = build_engine(route, Path("."))
         try:
 
             async def line(kind: str, endpoint: str = "/v1/chat/completions") -> bytes:
-                target = MessagesOverChat(engine) if endpoint == "/v1/messages" else engine
                 body = {"model": kind, "max_tokens": 8}
                 body["messages"] = [{"role": "user", "content": "hello"}]
-                response = await target.execute(endpoint, body)
+                response = await engine.execute(endpoint, body)  # Messages: translated
                 result = response_line("i", "c", response).line
                 assert b"\n" not in result and orjson.loads(result)["custom_id"] == "c"
                 return result

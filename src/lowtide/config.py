@@ -59,6 +59,12 @@ class ModelRoute(_Strict):
     )
     max_concurrency: int = Field(64, ge=1, le=100_000)
     timeout: float = Field(600.0, gt=0, description="seconds per upstream request")
+    http_client: Literal["aiohttp", "pyreqwest"] = Field(
+        "aiohttp",
+        description="engine 'openai' only: the HTTP client library. 'pyreqwest' (Rust's reqwest) "
+        "spends about half the CPU a request against a fast upstream (a GPU server on the "
+        "same network); aiohttp is the long-proven default",
+    )
     max_retries: int = Field(6, ge=0, le=100)
     headers: dict[str, str] = Field(default_factory=dict)
     latency_ms: float = Field(0.0, ge=0, description="echo engine only: simulated latency")

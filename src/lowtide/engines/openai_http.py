@@ -61,6 +61,22 @@ def read_answer_headers(raw: Any) -> tuple[dict[str, str], dict[str, str]]:
     return limits, hints
 
 
+_LIMIT_PREFIXES_STR = tuple(prefix.decode() for prefix in _LIMIT_PREFIXES)
+_HINTS_STR = frozenset(name.decode() for name in _HINTS)
+
+
+def read_header_items(items: Any) -> tuple[dict[str, str], dict[str, str]]:
+    """read_answer_headers for a client that gives (name, value) strings, names lowercased."""
+    limits: dict[str, str] = {}
+    hints: dict[str, str] = {}
+    for name, value in items:
+        if name.startswith(_LIMIT_PREFIXES_STR):
+            limits.setdefault(name, value)
+        elif name in _HINTS_STR:
+            hints.setdefault(name, value)
+    return limits, hints
+
+
 def one_line(raw: bytes) -> bytes | None:
     """JSON that parsed, as one line for a JSONL file: without the newline many servers end it
     with; None when it spans lines (pretty-printed), to be encoded again."""
@@ -68,6 +84,46 @@ def one_line(raw: bytes) -> bytes | None:
     # find, not `in`: on bytes, `in` first tries its operand as an integer and builds and drops
     # a TypeError (twice the cost, on every answer's path).
     return raw if raw.find(b"\n") < 0 and raw.find(b"\r") < 0 else None
+
+
+def timed_out(route: ModelRoute) -> TransientEngineError:
+    return TransientEngineError(
+        "request_timeout", f"The upstream did not answer within {route.timeout:g}s."
+    )
+
+
+def unreachable(exc: Exception) -> TransientEngineError:
+    return TransientEngineError(
+        "connection_error", f"Connection to the upstream failed: {exc.__class__.__name__}: {exc}"
+    )
+
+
+def answer(
+    status: int, raw: bytes, limits: dict[str, str], hints: dict[str, str]
+) -> EngineResponse:
+    """What the upstream answered, whichever HTTP client read it: the body parsed (and kept
+    as sent, for the result line), a non-JSON body turned into an error, the retry hints."""
+    try:
+        parsed = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        parsed = None
+    if parsed is None and status // 100 == 2:
+        status = 502
+    if isinstance(parsed, _JSON_CONTAINERS):
+        body_json = one_line(raw)
+    else:
+        text = raw[:2000].decode("utf-8", "replace")
+        message = f"Upstream answered HTTP {status} with a non-JSON body: {text}"
+        parsed = error_response(status, message, type="upstream_error").body
+        body_json = None
+    return EngineResponse(
+        status,
+        parsed,
+        hints.get("x-request-id") or hints.get("request-id"),
+        (parse_retry_after(hints) if "retry-after" in hints or "retry-after-ms" in hints else None),
+        limits,
+        body_json,
+    )
 
 
 class OpenAIHttpEngine(Engine):
@@ -108,53 +164,28 @@ class OpenAIHttpEngine(Engine):
             url = self._urls[endpoint] = URL(f"{self._route.base_url}{path}")
         return url
 
-    async def execute(self, endpoint: str, body: dict[str, Any]) -> EngineResponse:
-        if self._session is None:
-            await self.start()
-        assert self._session is not None
+    def _encode(self, body: dict[str, Any]) -> bytes:
+        """The request's bytes, with what the route changes in it."""
         if self._route.upstream_model:
             body = {**body, "model": self._route.upstream_model}
         if self._route.batch_priority is not None:
             body = {**body, "priority": self._route.batch_priority}
+        return orjson.dumps(body)
+
+    async def execute(self, endpoint: str, body: dict[str, Any]) -> EngineResponse:
+        if self._session is None:
+            await self.start()
+        assert self._session is not None
         try:
-            async with self._session.post(self._url(endpoint), data=orjson.dumps(body)) as resp:
+            async with self._session.post(self._url(endpoint), data=self._encode(body)) as resp:
                 raw = await resp.read()
                 status = resp.status
                 limits, hints = read_answer_headers(resp.raw_headers)
         except TimeoutError as exc:
-            raise TransientEngineError(
-                "request_timeout", f"The upstream did not answer within {self._route.timeout:g}s."
-            ) from exc
+            raise timed_out(self._route) from exc
         except aiohttp.ClientError as exc:
-            raise TransientEngineError(
-                "connection_error",
-                f"Connection to the upstream failed: {exc.__class__.__name__}: {exc}",
-            ) from exc
-        try:
-            parsed = orjson.loads(raw) if raw else None
-        except orjson.JSONDecodeError:
-            parsed = None
-        if parsed is None and status // 100 == 2:
-            status = 502
-        if isinstance(parsed, _JSON_CONTAINERS):
-            body_json = one_line(raw)
-        else:
-            text = raw[:2000].decode("utf-8", "replace")
-            message = f"Upstream answered HTTP {status} with a non-JSON body: {text}"
-            parsed = error_response(status, message, type="upstream_error").body
-            body_json = None
-        return EngineResponse(
-            status,
-            parsed,
-            hints.get("x-request-id") or hints.get("request-id"),
-            (
-                parse_retry_after(hints)
-                if "retry-after" in hints or "retry-after-ms" in hints
-                else None
-            ),
-            limits,
-            body_json,
-        )
+            raise unreachable(exc) from exc
+        return answer(status, raw, limits, hints)
 
     async def close(self) -> None:
         if self._session is not None:

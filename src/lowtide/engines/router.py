@@ -40,6 +40,10 @@ def _engine(route: ModelRoute, cache_dir: Path) -> Engine:
         from lowtide.engines.llamacpp import LlamaCppEngine
 
         return LlamaCppEngine(route, cache_dir)
+    if route.http_client == "pyreqwest":
+        from lowtide.engines.pyreqwest_http import PyreqwestEngine
+
+        return PyreqwestEngine(route)
     from lowtide.engines.openai_http import OpenAIHttpEngine
 
     return OpenAIHttpEngine(route)
