@@ -350,15 +350,18 @@ secret = "{S_CRASH}"
     client = srv.client(KEYS["team-a"])
     batch = wait_for_batch(client, _submit(client, _lines(1)).id)
     deadline = time.monotonic() + 20
+    found: list[dict] = []
     while time.monotonic() < deadline:
-        [down] = [
+        # The delivery may not be listed yet when the batch is first seen ended.
+        found = [
             d
             for d in _deliveries(srv, KEYS["team-a"], batch.id).json()["data"]
             if d["url"].endswith("/down")
         ]
-        if down["status"] != "pending":
+        if found and found[0]["status"] != "pending":
             break
         time.sleep(0.1)
+    [down] = found
     assert down["status"] == "failed" and down["next_attempt_at"] is None
     assert len(down["attempts"]) >= 2 and down["last_status"] == 500
     assert {a["status_code"] for a in down["attempts"]} == {500}
