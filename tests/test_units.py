@@ -6,6 +6,7 @@ import asyncio
 import email.utils
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -293,6 +294,20 @@ def test_answer_headers_read_in_one_pass_match_a_case_insensitive_lookup():
     assert read_answer_headers(()) == ({}, {})
 
 
+async def _upstream(handler: Any) -> tuple[Any, str]:
+    """A one-route upstream (POST /v1/chat/completions) on a free port: (runner, base URL)."""
+    from aiohttp import web
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}/v1"
+
+
 @pytest.mark.parametrize("client", ["aiohttp", "pyreqwest"])
 def test_upstream_requests_time_out_at_the_routes_timeout_and_cancels_stay_cancels(client):
     """The HTTP engine keeps each request to the route's `timeout`: a request still unanswered
@@ -309,17 +324,11 @@ def test_upstream_requests_time_out_at_the_routes_timeout_and_cancels_stay_cance
         return web.json_response({"usage": {"prompt_tokens": 1, "completion_tokens": 1}})
 
     async def scenario() -> None:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", answer)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        runner, base_url = await _upstream(answer)
         route = ModelRoute(
             name="m",
             engine="openai",
-            base_url=f"http://127.0.0.1:{port}/v1",
+            base_url=base_url,
             timeout=0.4,
             http_client=client,
         )
@@ -378,14 +387,7 @@ def test_result_lines_carry_the_upstreams_answer_bytes_unless_they_span_lines(cl
         return web.Response(body=answers[kind], status=status, content_type="application/json")
 
     async def scenario() -> None:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", answer)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        base_url = f"http://127.0.0.1:{port}/v1"
+        runner, base_url = await _upstream(answer)
         route = ModelRoute(name="m", engine="openai", base_url=base_url, http_client=client)
         engine = build_engine(route, Path("."))
         try:

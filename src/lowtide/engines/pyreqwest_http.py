@@ -15,6 +15,7 @@ from typing import Any
 from pyreqwest.client import Client, ClientBuilder
 from pyreqwest.exceptions import RequestError
 
+from lowtide.config import ModelRoute
 from lowtide.engines.base import EngineResponse
 from lowtide.engines.openai_http import (
     OpenAIHttpEngine,
@@ -26,7 +27,10 @@ from lowtide.engines.openai_http import (
 
 
 class PyreqwestEngine(OpenAIHttpEngine):
-    _client: Client | None = None
+    def __init__(self, route: ModelRoute) -> None:
+        super().__init__(route)
+        self._client: Client | None = None
+        self._str_urls: dict[str, str] = {}  # endpoint -> its URL as the client takes it
 
     async def start(self) -> None:
         if self._client is None:
@@ -45,7 +49,9 @@ class PyreqwestEngine(OpenAIHttpEngine):
         if self._client is None:
             await self.start()
         assert self._client is not None
-        url = str(self._url(endpoint))
+        url = self._str_urls.get(endpoint)
+        if url is None:
+            url = self._str_urls[endpoint] = str(self._url(endpoint))
         try:
             resp = await self._client.post(url).body_bytes(self._encode(body)).build().send()
             raw = bytes(await resp.bytes())
