@@ -16,6 +16,7 @@ a `git worktree` of the previous commit). Takes a few minutes per row.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
@@ -31,6 +32,10 @@ from lowtide_sim.launch import start_simulator  # noqa: E402
 
 VALGRIND = ["valgrind", "--tool=callgrind", "--dump-instr=no", "--collect-jumps=no"]
 BENCH = Path(__file__).resolve().parent
+# Counts that repeat: one string-hash seed (dict probes and set orders differ by seed: a few
+# thousand instructions a line between runs), and one BLAS thread (numpy's idle pool threads
+# spin at start-up, by a different number of instructions each run).
+FIXED = {"PYTHONHASHSEED": "0", "OPENBLAS_NUM_THREADS": "1"}
 
 
 def instructions(path: Path) -> int:
@@ -49,7 +54,10 @@ def bare(sim_url: str, lines: int, folder: Path) -> int:
     cmd = [sys.executable, str(BENCH / "bare_client.py"), "--url", f"{sim_url}/chat/completions"]
     cmd += ["--requests-file", str(requests)]
     subprocess.run(
-        [*VALGRIND, f"--callgrind-out-file={out}", *cmd], check=True, capture_output=True
+        [*VALGRIND, f"--callgrind-out-file={out}", *cmd],
+        check=True,
+        capture_output=True,
+        env={**os.environ, **FIXED},
     )
     return instructions(out)
 
@@ -76,7 +84,7 @@ def worker(sim_url: str, lines: int, folder: Path, name: str, src: Path | None) 
         cmd += ["--config", str(data / "lowtide.toml"), "--log-level", "warning"]
         proc = subprocess.Popen(
             [*VALGRIND, f"--callgrind-out-file={out}", *cmd],
-            env=env_for(src),
+            env={**(env_for(src) or os.environ), **FIXED},
             stderr=subprocess.DEVNULL,
         )
         while batch.status not in ("completed", "failed", "expired", "cancelled"):
