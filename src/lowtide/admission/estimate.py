@@ -18,7 +18,17 @@ def _chars(value: Any) -> int:
     if isinstance(value, list):
         total = 0
         for item in value:  # on every line's path: no generator, strings counted in place
-            total += len(item) if type(item) is str else _chars(item)
+            if type(item) is str:
+                total += len(item)
+            elif (
+                type(item) is dict
+                and len(item) == 2
+                and type(content := item.get("content")) is str
+                and "role" in item
+            ):
+                total += len(content)  # the usual message, its role and its text
+            else:
+                total += _chars(item)
         return total
     if isinstance(value, dict):
         total = 0

@@ -114,11 +114,16 @@ def is_unset(name: str, value: Any) -> bool:
     return False
 
 
+def forwards_everything(engine: str, endpoint: str) -> bool:
+    """The engine refuses no parameter on the endpoint: the upstream decides."""
+    return engine != "echo" and honoured(engine, endpoint) is None
+
+
 def unhonoured(engine: str, endpoint: str, body: dict[str, Any]) -> str | None:
     """The first parameter set in `body` that the engine does not honour (None: none)."""
     allowed = honoured(engine, endpoint)
     if allowed is None:
-        if engine != "echo":
+        if forwards_everything(engine, endpoint):
             return None
         refused = ECHO_REFUSED
         return next((k for k, v in body.items() if k in refused and not is_unset(k, v)), None)

@@ -10,6 +10,7 @@ hash only flags a pair of lines; the caller compares the real ids in a second pa
 from __future__ import annotations
 
 import tempfile
+from array import array
 from pathlib import Path
 
 import numpy as np
@@ -23,19 +24,21 @@ class DuplicateFinder:
         self._memory_entries = memory_entries
         self._spill_root = spill_root
         self._spill: tempfile.TemporaryDirectory[str] | None = None
-        self._buffer = np.empty(memory_entries, dtype=_RECORD)
-        self._fill = 0
+        # Two flat arrays, appended to in C: on every line's path, where a numpy record
+        # assignment cost more than the rest of the line's check.
+        self._hashes = array("q")
+        self._lines = array("I")
 
     def add(self, value: int, line: int) -> None:
-        self._buffer[self._fill] = (value, line)
-        self._fill += 1
-        if self._fill == self._memory_entries:
+        self._hashes.append(value)
+        self._lines.append(line)
+        if len(self._lines) == self._memory_entries:
             self._flush()
 
     def repeats(self, cap: int) -> list[tuple[int, int]]:
         """Up to `cap` (line, earlier line) pairs whose hashes match, lowest lines first."""
         if self._spill is None:
-            return _repeats_in(self._buffer[: self._fill], cap)
+            return _repeats_in(self._records(), cap)
         self._flush()
         best: list[tuple[int, int]] = []
         for path in sorted(Path(self._spill.name).iterdir()):
@@ -50,12 +53,20 @@ class DuplicateFinder:
             self._spill.cleanup()
             self._spill = None
 
+    def _records(self) -> np.ndarray:
+        """The entries held in memory, as records."""
+        block = np.empty(len(self._lines), dtype=_RECORD)
+        block["hash"] = np.frombuffer(self._hashes, dtype=np.int64) if self._hashes else 0
+        block["line"] = np.frombuffer(self._lines, dtype=np.uint32) if self._lines else 0
+        return block
+
     def _flush(self) -> None:
-        if self._fill == 0:
+        if not self._lines:
             return
         if self._spill is None:
             self._spill = tempfile.TemporaryDirectory(prefix="lowtide-ids-", dir=self._spill_root)
-        block = self._buffer[: self._fill]
+        block = self._records()
+        self._hashes, self._lines = array("q"), array("I")
         part = (block["hash"] >> 56) & 0xFF
         order = np.argsort(part, kind="stable")  # stable: line order survives within a partition
         block, part = block[order], part[order]
@@ -66,7 +77,6 @@ class DuplicateFinder:
             if hi > lo:
                 with open(root / f"{p:03d}", "ab") as fh:
                     block[lo:hi].tofile(fh)
-        self._fill = 0
 
 
 def _repeats_in(records: np.ndarray, cap: int) -> list[tuple[int, int]]:

@@ -13,6 +13,8 @@ does not honour, options it refuses, a schema to check against that is not a JSO
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +22,7 @@ import orjson
 
 from lowtide.config import ModelRoute
 from lowtide.engines.base import EngineResponse
-from lowtide.engines.params import Problem, request_problem
+from lowtide.engines.params import Problem, forwards_everything, request_problem
 from lowtide.engines.structured import (
     ResponseFormat,
     ResponseFormatError,
@@ -56,6 +58,16 @@ def response_format_of(endpoint: str, body: dict[str, Any]) -> ResponseFormat | 
     if endpoint == "/v1/chat/completions":
         return parse_response_format(body.get("response_format"))
     return None
+
+
+def line_checker(route: ModelRoute, endpoint: str) -> Callable[[dict[str, Any]], Problem | None]:
+    """`line_problem` for the route's lines, as validation calls it on each of them. A route
+    that forwards every parameter and checks no schema finds nothing in a line that does not
+    ask for a check itself: those lines skip the call (most lines, on a route to a server)."""
+    check = functools.partial(line_problem, route, endpoint)
+    if route.validate_schema or not forwards_everything(route.engine, endpoint):
+        return check
+    return lambda body: check(body) if EXTENSION in body else None
 
 
 def line_problem(route: ModelRoute, endpoint: str, body: dict[str, Any]) -> Problem | None:

@@ -20,6 +20,7 @@ from lowtide.runner.duplicates import DuplicateFinder
 from lowtide.vocabulary import ENDPOINTS, MESSAGES_ENDPOINT, UTF8_BOM
 
 MAX_LINE_BYTES = 64 * 1024 * 1024
+_UNSEEN = object()
 
 # A route's check of one line's body: None, or (code, param without "body.", message).
 LineChecker = Callable[[dict[str, Any]], tuple[str, str, str] | None]
@@ -76,6 +77,7 @@ class FileValidator:
         # The route of a model whose lines go out as provider batches (None: they run here).
         # Their lines get shards of their own, and shards are cut at provider-batch limits.
         self._upstream_of = upstream_of or (lambda model: None)
+        self._upstreams: dict[str, ModelRoute | None] = {}  # model -> _upstream_of(model)
         # Messages lines are validated per line, as Anthropic does: a body a route cannot serve
         # fails that line when it runs (an `errored` result), never the whole batch. They run
         # synchronously (an upstream_batch route's provider speaks OpenAI's batch format).
@@ -87,7 +89,12 @@ class FileValidator:
         self._served = ", ".join(f"'{m}'" for m in served_models or [])
         self._endpoints_of = endpoints_of  # what a model's route serves; None: no route
         self._endpoints_cache: dict[str, tuple[str, ...] | None] = {}
+        # Models whose route serves this endpoint, and their route's check of a line.
+        self._serving: dict[str, LineChecker | None] = {}
+        self._required = ENDPOINTS.get(endpoint, ("",))[0]  # the body's prompt field here
         self._limits = limits
+        self._max_lines_plus_one = limits.max_lines + 1
+        self._shard_lines, self._shard_bytes = limits.shard_lines, limits.shard_bytes
         self._buffer = b""
         self._buffer_offset = 0  # file offset of _buffer[0]
         self._past_bom = False
@@ -166,26 +173,46 @@ class FileValidator:
     def _line(self, raw: bytes, start: int, end: int) -> None:
         if self._skipping_long_line:
             self._skipping_long_line = False
-            self._extend_shard(start, end, request=False)
+            self._not_a_request(end)
             return
         self._line_no += 1
-        if not raw.strip():
-            self._extend_shard(start, end, request=False)
+        if not raw or raw.isspace():  # (not raw.strip(): a copy of every line)
+            self._not_a_request(end)
             return
         model = self._check(raw, self._line_no)
         self.total += 1
-        if self.total == self._limits.max_lines + 1:
+        if self.total == self._max_lines_plus_one:
             self._error(
                 "too_many_tasks",
                 None,
                 None,
                 f"The input file has more than {self._limits.max_lines:,} requests, the limit per batch.",
             )
-        route = self._upstream_of(model) if model is not None else None
+        if model is None:
+            route = None
+        elif (route := self._upstreams.get(model, _UNSEEN)) is _UNSEEN:
+            route = self._upstream_of(model)
+            if len(self._upstreams) < 10_000:
+                self._upstreams[model] = route
         chunk = self._chunk_for(route, model or "", len(raw) + 1) if route is not None else None
-        if self._shard is not None and self._shard.get("chunk") != chunk:
-            self._close_shard()  # a shard's lines all run here, or all go in one chunk
-        self._extend_shard(start, end, request=True, chunk=chunk)
+        shard = self._shard
+        if shard is None or shard.get("chunk") != chunk:
+            # A shard's lines all run here, or all go in one chunk.
+            self._close_shard()
+            shard = self._shard = {
+                "idx": len(self._shards),
+                "first_request": self.total - 1,
+                "request_count": 0,
+                "first_line": self._line_no,
+                "byte_start": start,
+                "byte_end": end,
+            }
+            if chunk is not None:
+                shard["chunk"] = chunk
+        shard["byte_end"] = end
+        count = shard["request_count"] = shard["request_count"] + 1
+        if count >= self._shard_lines or end - shard["byte_start"] >= self._shard_bytes:
+            self._close_shard()
 
     def _chunk_for(self, route: ModelRoute, model: str, size: int) -> int:
         """The provider batch this line goes in: the route's open one while it has room."""
@@ -205,31 +232,11 @@ class FileValidator:
         chunk["bytes"] += size
         return int(chunk["idx"])
 
-    def _extend_shard(
-        self, start: int, end: int, *, request: bool, chunk: int | None = None
-    ) -> None:
-        shard = self._shard
-        if shard is None:
-            if not request:
-                return  # blank lines between shards belong to no shard
-            shard = self._shard = {
-                "idx": len(self._shards),
-                "first_request": self.total - 1,
-                "request_count": 0,
-                "first_line": self._line_no,
-                "byte_start": start,
-                "byte_end": end,
-            }
-            if chunk is not None:
-                shard["chunk"] = chunk
-        shard["byte_end"] = end
-        if request:
-            shard["request_count"] += 1
-            if (
-                shard["request_count"] >= self._limits.shard_lines
-                or end - shard["byte_start"] >= self._limits.shard_bytes
-            ):
-                self._close_shard()
+    def _not_a_request(self, end: int) -> None:
+        """A blank line (or the rest of one too long): part of the open shard's bytes, if any;
+        blank lines between shards belong to no shard."""
+        if self._shard is not None:
+            self._shard["byte_end"] = end
 
     def _close_shard(self) -> None:
         if self._shard is not None:
@@ -250,6 +257,27 @@ class FileValidator:
                 "invalid_json_line", line, None, "This line is not parseable as valid JSON."
             )
             return
+        # The usual line, checked in one pass: a model seen before on this endpoint, nothing
+        # wrong. Anything else (or anything wrong) goes the long way, which names the problem.
+        if type(obj) is dict and not self._per_line:
+            custom_id, body = obj.get("custom_id"), obj.get("body")
+            if (
+                type(custom_id) is str
+                and custom_id
+                and type(body) is dict
+                and obj.get("method") == "POST"
+                and obj.get("url") == self.endpoint
+                and not body.get("stream")
+                and body.get(self._required) is not None
+            ):
+                model = body.get("model")
+                checker = self._serving.get(model, _UNSEEN) if type(model) is str else _UNSEEN
+                if checker is None or (checker is not _UNSEEN and checker(body) is None):
+                    self._ids.add(hash(custom_id), line)
+                    return self._valid(model, body)
+        return self._check_slowly(obj, line)
+
+    def _check_slowly(self, obj: Any, line: int) -> str | None:
         if not isinstance(obj, dict):
             self._error("invalid_json_line", line, None, "This line is not a JSON object.")
             return
@@ -336,6 +364,8 @@ class FileValidator:
             )
             return
         checker = self._route_checker(model)
+        if len(self._serving) < 10_000:
+            self._serving[model] = checker  # the model's next lines take the one pass
         problem = checker(body) if checker is not None else None
         if problem is not None:
             code, param, message = problem

@@ -21,7 +21,7 @@ from lowtide.runner import budgets, sweeper
 from lowtide.runner.context import RunnerContext
 from lowtide.runner.finalize import finalize_batch
 from lowtide.runner.rerun import plan_rerun
-from lowtide.runner.schema_check import line_problem
+from lowtide.runner.schema_check import line_checker
 from lowtide.runner.shard_runner import ShardRun
 from lowtide.runner.upstream import ChunkRunner
 from lowtide.runner.validation import FileValidator, LineChecker, confirm_duplicates
@@ -350,7 +350,7 @@ class Worker:
 
     def _checker_of(self, endpoint: str, model: str) -> LineChecker | None:
         route = self.router.route_for(model)
-        return functools.partial(line_problem, route, endpoint) if route is not None else None
+        return line_checker(route, endpoint) if route is not None else None
 
     def _endpoints_of(self, model: str) -> tuple[str, ...] | None:
         route = self.router.route_for(model)
