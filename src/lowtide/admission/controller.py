@@ -18,6 +18,8 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import msgspec
+
 from lowtide import metrics
 from lowtide.admission.budgets import TokenBucket
 from lowtide.admission.headers import parse_rate_limit_headers
@@ -31,8 +33,7 @@ log = logging.getLogger("lowtide.admission")
 ROUTE_DOWN_STATUSES = frozenset({401, 403, 404})
 
 
-@dataclass(slots=True)
-class Permit:
+class Permit(msgspec.Struct, gc=False):
     batch: str
     cost: int
     started: float = 0.0
@@ -355,13 +356,13 @@ class RouteController:
     def release(
         self,
         permit: Permit,
-        *,
         status: int | None,
         used_tokens: int | None = None,
         retry_after: float | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        """Return the permit. status None: no answer (timeout, connection); 0: cancelled."""
+        """Return the permit. status None: no answer (timeout, connection); 0: cancelled.
+        (Positional arguments too: once for every request.)"""
         now = time.monotonic()
         self.in_flight -= 1
         self.in_flight_cost -= permit.cost

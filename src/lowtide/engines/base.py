@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from lowtide.errors import error_envelope
 from lowtide.ids import new_request_id
 
 
-@dataclass(slots=True)
-class EngineResponse:
+class EngineResponse(msgspec.Struct, gc=False):
     """What an engine answered: an HTTP-like status, the JSON body, and retry hints."""
 
     status_code: int

@@ -29,15 +29,18 @@ def usage_of(body: Any) -> Usage:
     out = get("output_tokens", _MISSING)
     if out is _MISSING:
         out = get("completion_tokens")
-    in_details = get("input_tokens_details") or get("prompt_tokens_details")
-    out_details = get("output_tokens_details") or get("completion_tokens_details")
-    return Usage(
-        input_tokens=inp if type(inp) is int and inp > 0 else _int(inp),
-        output_tokens=out if type(out) is int and out > 0 else _int(out),
-        cached_tokens=_int(in_details.get("cached_tokens")) if isinstance(in_details, dict) else 0,
-        reasoning_tokens=(
-            _int(out_details.get("reasoning_tokens")) if isinstance(out_details, dict) else 0
-        ),
+    cached = reasoning = 0
+    details = get("input_tokens_details") or get("prompt_tokens_details")
+    if details:
+        cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    details = get("output_tokens_details") or get("completion_tokens_details")
+    if details:
+        reasoning = _int(details.get("reasoning_tokens")) if isinstance(details, dict) else 0
+    return Usage(  # input, output, cached, reasoning
+        inp if type(inp) is int and inp > 0 else _int(inp),
+        out if type(out) is int and out > 0 else _int(out),
+        cached,
+        reasoning,
     )
 
 

@@ -7,14 +7,14 @@ files) and by partial results (while the batch runs); both read it through `deco
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Iterator
-from dataclasses import dataclass
+
+import msgspec
 
 _OK = b"o"
 _ERROR = b"e"
 
 
-@dataclass(slots=True)
-class ResultLine:
+class ResultLine(msgspec.Struct, gc=False):
     ok: bool  # True: a line of the output file; False: of the error file
     line: bytes  # the JSON line, without its newline
 

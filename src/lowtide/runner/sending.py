@@ -10,8 +10,7 @@ import asyncio
 import logging
 import math
 import time
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
@@ -28,13 +27,23 @@ from lowtide.runner.retry import (
     is_retryable_status,
     route_refusal,
 )
-from lowtide.runner.schema_check import EXTENSION, answer_check, split_extension, violation_line
+from lowtide.runner.schema_check import (
+    EXTENSION,
+    AnswerCheck,
+    answer_check,
+    split_extension,
+    violation_line,
+)
 from lowtide.store.rows import Usage
 from lowtide.vocabulary import PRIORITIES
 
 log = logging.getLogger("lowtide.shard")
 
 _NO_USAGE = Usage()  # shared and never changed: what a line with no answer reports
+
+
+# The last answer (or failure) of a line's attempts, and the usage that answer reports.
+_Outcome = tuple[EngineResponse | None, TransientEngineError | None, Usage]
 
 
 class BatchScope(Protocol):
@@ -55,9 +64,9 @@ class Halt(Protocol):
     lost: bool
 
 
-@dataclass(slots=True, frozen=True)
-class _Target:
-    """Where the lines naming one model go on this batch's endpoint."""
+class _Target(NamedTuple):
+    """Where the lines naming one model go on this batch's endpoint (a tuple: unpacked on
+    every line's path)."""
 
     route: ModelRoute
     engine: Engine
@@ -110,39 +119,24 @@ class LineSender:
         check_flag = None
         if EXTENSION in body:
             body, check_flag = split_extension(body)  # never sent to an engine
-        model = str(body.get("model"))
+        model = body.get("model")
+        if type(model) is not str:
+            model = str(model)
         target = self._targets.get(model)
         if target is None:
             target = self._target(model)
-            if isinstance(target, tuple):
+            if type(target) is not _Target:
                 return unanswered(error_line(line_id, custom_id, *target))
-        route, engine, controller = target.route, target.engine, target.controller
-        check = (
-            answer_check(route, self.batch.endpoint, body, check_flag)
-            if check_flag is not None or route.validate_schema
-            else None
-        )
-        schema_retries = 0
-        discarded: Usage | None = None  # answers asked again for their schema: paid for too
-        while True:
-            response, failure, usage = await self._attempts(
-                route, engine, controller, body, custom_id
+        route, engine, controller = target
+        response, failure, usage = await self._attempts(route, engine, controller, body, custom_id)
+        if check_flag is not None or route.validate_schema:
+            check = answer_check(route, self.batch.endpoint, body, check_flag)
+            checked = await self._until_valid(
+                check, line_id, custom_id, model, target, body, (response, failure, usage)
             )
-            if discarded is not None:
-                usage = _sum(usage, discarded)
-            if check is None or response is None or not 200 <= response.status_code < 300:
-                break
-            if self.halt.lost:
-                return None
-            reason = check.violation(self.batch.endpoint, response.body)
-            if reason is None:
-                break
-            if schema_retries >= check.retries or self.halt.stopping:
-                result = violation_line(line_id, custom_id, response, reason)
-                return answered(result, usage, route, model, provider_batch=False)
-            schema_retries += 1  # the answer does not match its schema: ask again
-            discarded = usage
-            controller.retried()
+            if type(checked) is not tuple:
+                return checked  # a schema_violation line, or None
+            response, failure, usage = checked
         if self.halt.lost:
             return None
         if response is None:
@@ -154,6 +148,40 @@ class LineSender:
         result = response_line(line_id, custom_id, response)
         return answered(result, usage, route, model, provider_batch=False)
 
+    async def _until_valid(
+        self,
+        check: AnswerCheck | None,
+        line_id: str,
+        custom_id: str,
+        model: str,
+        target: _Target,
+        body: dict[str, Any],
+        outcome: _Outcome,
+    ) -> _Outcome | FinishedLine | None:
+        """Ask again while an answer does not match the request's schema, at most
+        `check.retries` times. Returns the outcome to report as any other line's, or the line's
+        result: a schema_violation line, or None (the shard was lost meanwhile)."""
+        route, engine, controller = target
+        response, failure, usage = outcome
+        schema_retries = 0
+        while check is not None and response is not None and 200 <= response.status_code < 300:
+            if self.halt.lost:
+                return None
+            reason = check.violation(self.batch.endpoint, response.body)
+            if reason is None:
+                break
+            if schema_retries >= check.retries or self.halt.stopping:
+                result = violation_line(line_id, custom_id, response, reason)
+                return answered(result, usage, route, model, provider_batch=False)
+            schema_retries += 1  # the answer does not match its schema: ask again
+            controller.retried()
+            discarded = usage  # answers asked again for their schema are paid for too
+            response, failure, usage = await self._attempts(
+                route, engine, controller, body, custom_id
+            )
+            usage = _sum(usage, discarded)
+        return response, failure, usage
+
     async def _attempts(
         self,
         route: ModelRoute,
@@ -161,20 +189,17 @@ class LineSender:
         controller: RouteController,
         body: dict[str, Any],
         custom_id: str,
-    ) -> tuple[EngineResponse | None, TransientEngineError | None, Usage]:
+    ) -> _Outcome:
         """Send the line until it gets a final answer, its retries run out, or the shard stops.
         Returns the last answer (or failure) and the usage that answer reports.
 
         A refusal of the route itself (401, 403, 404) uses no retry: the line waits with every
         other line of the route until a probe finds the route working again.
         """
-        batch, cfg, paused, halt = self.batch, self.ctx.config, self.ctx.paused, self.halt
+        batch, halt = self.batch, self.halt
         # The token estimate matters only to a token budget; a route without one (yet: it may
         # learn one from the answers' headers) skips it, on every line's path.
         cost: int | None = None
-        response: EngineResponse | None = None
-        failure: TransientEngineError | None = None
-        usage = _NO_USAGE
         attempt = 0
         while True:
             if cost is None and controller.tpm is not None:
@@ -207,12 +232,12 @@ class LineSender:
             else:
                 status = response.status_code
                 usage = usage_of(response.body)
-                controller.release(
+                controller.release(  # permit, status, used_tokens, retry_after, headers
                     permit,
-                    status=status,
-                    used_tokens=usage.input_tokens + usage.output_tokens,
-                    retry_after=response.retry_after,
-                    headers=response.headers,
+                    status,
+                    usage.input_tokens + usage.output_tokens,
+                    response.retry_after,
+                    response.headers,
                 )
                 controller.count(status)
                 if status in ROUTE_DOWN_STATUSES:
@@ -223,7 +248,7 @@ class LineSender:
                         continue
                 if controller.problem is not None:
                     controller.route_ok()
-                if paused and paused.get(batch.batch_id) is not None:
+                if (paused := self.ctx.paused) and paused.get(batch.batch_id) is not None:
                     await self.ctx.note_paused(batch.batch_id, None)
                 if status < 500 and status not in RETRYABLE_STATUS:
                     return response, None, usage
@@ -231,6 +256,7 @@ class LineSender:
                 return response, failure, usage
             controller.retried()
             retry_after = response.retry_after if response is not None else None
+            cfg = self.ctx.config
             delay = backoff_seconds(
                 attempt, cfg.retry_base_seconds, cfg.retry_max_seconds, retry_after
             )

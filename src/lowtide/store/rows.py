@@ -17,9 +17,10 @@ from lowtide.vocabulary import (
 )
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(slots=True)
 class Usage:
-    """Tokens, as a response reports them (and as the batch object sums them)."""
+    """Tokens, as a response reports them (and as the batch object sums them). Positional
+    too: one is built for every answer."""
 
     input_tokens: int = 0
     output_tokens: int = 0
