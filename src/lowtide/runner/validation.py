@@ -121,12 +121,15 @@ class FileValidator:
             self._past_bom = True
             if data.startswith(UTF8_BOM):
                 start = len(UTF8_BOM)  # shards start after it; line 1 is the line after it
-        while True:
-            nl = data.find(b"\n", start)
-            if nl < 0:
-                break
-            self._line(data[start:nl], base + start, base + nl + 1)
-            start = nl + 1
+        last = data.rfind(b"\n")
+        if last >= start:
+            # The complete lines split in one call, not found one by one: on every line's path.
+            line, at = self._line, base + start
+            for raw in data[start:last].split(b"\n"):
+                end = at + len(raw) + 1
+                line(raw, at, end)
+                at = end
+            start = last + 1
         self._buffer = data[start:]
         self._buffer_offset = base + start
         if len(self._buffer) > MAX_LINE_BYTES and not self._skipping_long_line:
