@@ -11,6 +11,7 @@ a `git worktree` of the previous commit). Takes a few minutes per row.
 
     .venv/bin/python bench/instructions.py [--small 1000] [--big 6000] [--baseline-src DIR/src]
         [--keep DIR]   # keep the callgrind files, for callgrind_annotate
+        [--rate-limit-headers]   # answers carry x-ratelimit-* headers, as a hosted API's do
 """
 
 from __future__ import annotations
@@ -106,8 +107,16 @@ def main() -> None:
     p.add_argument("--big", type=int, default=6000)
     p.add_argument("--baseline-src", type=Path, help="another checkout's src/: adds a row 'base'")
     p.add_argument("--keep", type=Path, help="a folder to keep the callgrind files in")
+    p.add_argument(
+        "--rate-limit-headers",
+        action="store_true",
+        help="the simulator sends x-ratelimit-* headers with every answer, as OpenAI does",
+    )
     args = p.parse_args()
-    sim = start_simulator("--latency-ms", "0")
+    # A hosted API's answers carry rate-limit headers (six of them), which Lowtide reads and
+    # learns from on every answer: limits far above what the run sends, so none binds.
+    limits = ["--rpm", "1000000000", "--tpm", "1000000000000"] if args.rate_limit_headers else []
+    sim = start_simulator("--latency-ms", "0", *limits)
     lines = args.big - args.small
     try:
         with tempfile.TemporaryDirectory(prefix="lowtide-bench-instructions-") as tmp:

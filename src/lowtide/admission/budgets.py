@@ -16,13 +16,10 @@ class TokenBucket:
 
     def __init__(self, per_minute: float, burst_seconds: float = 60.0) -> None:
         self.per_minute = per_minute
+        self.rate = per_minute / 60.0  # a second (kept, not computed: read on every request)
         self.capacity = per_minute * burst_seconds / 60.0
         self.level = self.capacity
         self._updated = time.monotonic()
-
-    @property
-    def rate(self) -> float:
-        return self.per_minute / 60.0
 
     def _refill(self, now: float) -> None:
         self.level = min(self.capacity, self.level + (now - self._updated) * self.rate)
@@ -50,6 +47,7 @@ class TokenBucket:
         self._refill(time.monotonic())
         fraction = self.level / self.capacity if self.capacity else 1.0
         self.per_minute = per_minute
+        self.rate = per_minute / 60.0
         self.capacity = per_minute
         self.level = fraction * self.capacity
 

@@ -22,7 +22,7 @@ import msgspec
 
 from lowtide import metrics
 from lowtide.admission.budgets import TokenBucket
-from lowtide.admission.headers import parse_rate_limit_headers
+from lowtide.admission.headers import read_limits
 from lowtide.admission.window import ConcurrencyWindow
 from lowtide.config import ModelRoute
 
@@ -398,26 +398,22 @@ class RouteController:
                 self._serve_waiters()  # the freed slot goes to the next waiter now
 
     def _learn(self, headers: Mapping[str, str]) -> None:
-        info = parse_rate_limit_headers(headers)
-        if info.empty:
-            return
-        if self._learn_rpm and info.limit_requests:
+        limit_requests, limit_tokens, remaining_requests, remaining_tokens = read_limits(headers)
+        if self._learn_rpm and limit_requests:
             if self.rpm is None:
-                self.rpm = TokenBucket(info.limit_requests)
-                log.info(
-                    "route %s: learned a limit of %g requests/min", self.name, info.limit_requests
-                )
-            self.rpm.resize(info.limit_requests)
-        if self._learn_tpm and info.limit_tokens:
+                self.rpm = TokenBucket(limit_requests)
+                log.info("route %s: learned a limit of %g requests/min", self.name, limit_requests)
+            self.rpm.resize(limit_requests)
+        if self._learn_tpm and limit_tokens:
             if self.tpm is None:
-                self.tpm = TokenBucket(info.limit_tokens)
-                log.info("route %s: learned a limit of %g tokens/min", self.name, info.limit_tokens)
-            self.tpm.resize(info.limit_tokens)
+                self.tpm = TokenBucket(limit_tokens)
+                log.info("route %s: learned a limit of %g tokens/min", self.name, limit_tokens)
+            self.tpm.resize(limit_tokens)
         # `remaining` was counted before our requests still in transit reached the upstream.
-        if self.rpm is not None and info.remaining_requests is not None:
-            self.rpm.clamp(info.remaining_requests - self.in_flight)
-        if self.tpm is not None and info.remaining_tokens is not None:
-            self.tpm.clamp(info.remaining_tokens - self.in_flight_cost)
+        if self.rpm is not None and remaining_requests is not None:
+            self.rpm.clamp(remaining_requests - self.in_flight)
+        if self.tpm is not None and remaining_tokens is not None:
+            self.tpm.clamp(remaining_tokens - self.in_flight_cost)
 
     def log_line(self) -> str | None:
         """A summary since the last call, or None if the route was idle."""

@@ -81,20 +81,38 @@ def _either(headers: Mapping[str, str], openai: str, anthropic: str) -> float | 
     return _number(headers, anthropic) if value is None else value
 
 
+_A = "anthropic-ratelimit-"
+# (OpenAI's name, Anthropic's) of the four numbers admission learns from.
+_LIMITS = (
+    ("x-ratelimit-limit-requests", _A + "requests-limit"),
+    ("x-ratelimit-limit-tokens", _A + "tokens-limit"),
+    ("x-ratelimit-remaining-requests", _A + "requests-remaining"),
+    ("x-ratelimit-remaining-tokens", _A + "tokens-remaining"),
+)
+
+Limits = tuple[float | None, float | None, float | None, float | None]
+
+
+def read_limits(headers: Mapping[str, str]) -> Limits:
+    """(limit_requests, limit_tokens, remaining_requests, remaining_tokens): what admission
+    learns from every answer that carries them, without the reset times it does not use
+    (parsing those cost more than the rest)."""
+    return (
+        _either(headers, *_LIMITS[0]),
+        _either(headers, *_LIMITS[1]),
+        _either(headers, *_LIMITS[2]),
+        _either(headers, *_LIMITS[3]),
+    )
+
+
 def parse_rate_limit_headers(headers: Mapping[str, str]) -> RateLimitInfo:
     """OpenAI's x-ratelimit-*; where one is absent, Anthropic's anthropic-ratelimit-* instead.
 
     Anthropic's ``requests-*`` and ``tokens-*`` (its most restrictive token limit in effect)
     fill the same fields; its ``input-tokens-*`` / ``output-tokens-*`` are not used.
     """
-    a = "anthropic-ratelimit-"
     return RateLimitInfo(
-        limit_requests=_either(headers, "x-ratelimit-limit-requests", a + "requests-limit"),
-        limit_tokens=_either(headers, "x-ratelimit-limit-tokens", a + "tokens-limit"),
-        remaining_requests=_either(
-            headers, "x-ratelimit-remaining-requests", a + "requests-remaining"
-        ),
-        remaining_tokens=_either(headers, "x-ratelimit-remaining-tokens", a + "tokens-remaining"),
-        reset_requests=_reset(headers, "x-ratelimit-reset-requests", a + "requests-reset"),
-        reset_tokens=_reset(headers, "x-ratelimit-reset-tokens", a + "tokens-reset"),
+        *read_limits(headers),
+        reset_requests=_reset(headers, "x-ratelimit-reset-requests", _A + "requests-reset"),
+        reset_tokens=_reset(headers, "x-ratelimit-reset-tokens", _A + "tokens-reset"),
     )

@@ -40,24 +40,35 @@ _JSON_CONTAINERS = (dict, list)
 ANTHROPIC_VERSION = "2023-06-01"  # the Messages API version a route with api = "anthropic" asks for
 _LIMIT_PREFIXES = (b"x-ratelimit-", b"anthropic-ratelimit-")
 _HINTS = frozenset((b"retry-after", b"retry-after-ms", b"x-request-id", b"request-id"))
+_HINT_NAMES = {name: name.decode() for name in _HINTS}
 # The first byte of every name above, either case: the others are skipped unread.
-_FIRST_BYTES = frozenset(bytes([b]) for b in b"xXaArR")
+_FIRST_BYTES = frozenset(b"xXaArR")
 
 
 def read_answer_headers(raw: Any) -> tuple[dict[str, str], dict[str, str]]:
     """(rate-limit headers, retry and request-id headers) of an answer, names lowercased, the
-    first of repeated names kept: one pass over the raw header bytes. On every answer's path,
-    where each case-insensitive lookup in the parsed headers cost more than this whole pass."""
+    first of repeated names kept: one pass over the raw header bytes, on every answer's path
+    (callgrind: ~6k instructions for a local server's five headers, ~32k for a hosted API's
+    fifteen with six rate-limit ones; 9.7k and 38.6k when every name was lowered)."""
     limits: dict[str, str] = {}
     hints: dict[str, str] = {}
     for name, value in raw:
-        if name[:1] not in _FIRST_BYTES:  # date, server, content-*: no call spent on them
+        # date, server, content-*: no call spent on them (a name is never empty: aiohttp refuses
+        # an answer with one)
+        if name[0] not in _FIRST_BYTES:
             continue
-        name = name.lower()
-        if name.startswith(_LIMIT_PREFIXES):
+        # Most servers send names in lowercase: lowered only when not found as they are.
+        hint = _HINT_NAMES.get(name)
+        if hint is None and not name.startswith(_LIMIT_PREFIXES):
+            name = name.lower()
+            hint = _HINT_NAMES.get(name)
+            if hint is None and not name.startswith(_LIMIT_PREFIXES):
+                continue
+        if hint is not None:
+            if hint not in hints:
+                hints[hint] = value.decode("latin-1")
+        else:
             limits.setdefault(name.decode("latin-1"), value.decode("latin-1"))
-        elif name in _HINTS:
-            hints.setdefault(name.decode("latin-1"), value.decode("latin-1"))
     return limits, hints
 
 
