@@ -73,7 +73,7 @@ def read_answer_headers(raw: Any) -> tuple[dict[str, str], dict[str, str]]:
 
 
 _LIMIT_PREFIXES_STR = tuple(prefix.decode() for prefix in _LIMIT_PREFIXES)
-_HINTS_STR = frozenset(name.decode() for name in _HINTS)
+_HINTS_STR = frozenset(_HINT_NAMES.values())
 
 
 def read_header_items(items: Any) -> tuple[dict[str, str], dict[str, str]]:

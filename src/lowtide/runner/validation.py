@@ -191,12 +191,7 @@ class FileValidator:
                 None,
                 f"The input file has more than {self._limits.max_lines:,} requests, the limit per batch.",
             )
-        if model is None:
-            route = None
-        elif (route := self._upstreams.get(model, _UNSEEN)) is _UNSEEN:
-            route = self._upstream_of(model)
-            if len(self._upstreams) < 10_000:
-                self._upstreams[model] = route
+        route = None if model is None else _memo(self._upstreams, self._upstream_of, model)
         chunk = self._chunk_for(route, model or "", len(raw) + 1) if route is not None else None
         shard = self._shard
         if shard is None or shard.get("chunk") != chunk:
@@ -339,7 +334,7 @@ class FileValidator:
         if not isinstance(model, str):
             self._error("invalid_request", line, "body.model", "Model parameter must be a string.")
             return
-        endpoints = self._route_endpoints(model)
+        endpoints = _memo(self._endpoints_cache, self._endpoints_of, model)
         if endpoints is None:
             served = f" Models served here: {self._served}." if self._served else ""
             self._error(
@@ -366,7 +361,7 @@ class FileValidator:
                 f"{required.capitalize()} parameter is required.",
             )
             return
-        checker = self._route_checker(model)
+        checker = _memo(self._checkers, self._checker_of, model)
         if len(self._serving) < 10_000:
             self._serving[model] = checker  # the model's next lines take the one pass
         problem = checker(body) if checker is not None else None
@@ -381,7 +376,7 @@ class FileValidator:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             return None
-        endpoints = self._route_endpoints(model)
+        endpoints = _memo(self._endpoints_cache, self._endpoints_of, model)
         if endpoints is None or self.endpoint not in endpoints:
             return None
         return self._valid(model, body)
@@ -395,21 +390,15 @@ class FileValidator:
             self.input_tokens[model] = self.input_tokens.get(model, 0) + tokens
         return model
 
-    def _route_checker(self, model: str) -> LineChecker | None:
-        if model in self._checkers:
-            return self._checkers[model]
-        checker = self._checker_of(model)
-        if len(self._checkers) < 10_000:
-            self._checkers[model] = checker
-        return checker
 
-    def _route_endpoints(self, model: str) -> tuple[str, ...] | None:
-        if model in self._endpoints_cache:
-            return self._endpoints_cache[model]
-        endpoints = self._endpoints_of(model)
-        if len(self._endpoints_cache) < 10_000:
-            self._endpoints_cache[model] = endpoints
-        return endpoints
+def _memo(cache: dict[str, Any], compute: Callable[[str], Any], model: str) -> Any:
+    """compute(model), remembered for up to 10,000 models (a file may name any number)."""
+    found = cache.get(model, _UNSEEN)
+    if found is _UNSEEN:
+        found = compute(model)
+        if len(cache) < 10_000:
+            cache[model] = found
+    return found
 
 
 async def confirm_duplicates(
