@@ -308,6 +308,48 @@ async def _upstream(handler: Any) -> tuple[Any, str]:
     return runner, f"http://127.0.0.1:{port}/v1"
 
 
+def test_deadlines_time_out_late_requests_and_leave_other_cancels_alone():
+    """The one sweep that keeps a route's timeout: a request past its time is cancelled and
+    reported as timed out; one also cancelled from elsewhere at the same time stays a cancel
+    (a shard stopping must stop it); one that ended in time is never touched."""
+    from lowtide.engines.deadlines import Deadlines
+
+    async def request(deadlines: Deadlines, seconds: float) -> str:
+        task = deadlines.enter()
+        try:
+            await asyncio.sleep(seconds)
+            return "answered"
+        except asyncio.CancelledError:
+            if deadlines.timed_out(task):
+                return "timed out"
+            raise
+        finally:
+            deadlines.leave(task)
+
+    async def scenario() -> None:
+        deadlines = Deadlines(0.2)
+        deadlines.start()
+        try:
+            fast = asyncio.create_task(request(deadlines, 0.05))
+            slow = asyncio.create_task(request(deadlines, 5))
+            assert await fast == "answered"
+            started = time.monotonic()
+            assert await slow == "timed out"
+            assert time.monotonic() - started < 1.0
+            both = asyncio.create_task(request(deadlines, 5))
+            while both not in deadlines._expired:  # the sweep has cancelled it...
+                await asyncio.sleep(0.01)
+            both.cancel()  # ...and so does a stop, before it runs again
+            with pytest.raises(asyncio.CancelledError):
+                await both
+            assert not deadlines._due and not deadlines._expired
+            assert await request(deadlines, 0) == "answered"
+        finally:
+            await deadlines.close()
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("client", ["aiohttp", "pyreqwest"])
 def test_upstream_requests_time_out_at_the_routes_timeout_and_cancels_stay_cancels(client):
     """The HTTP engine keeps each request to the route's `timeout`: a request still unanswered
