@@ -180,6 +180,15 @@ def test_result_line_shapes():
         "code": "bad_thing",
         "message": "no",
     }
+    # An answer kept as the upstream's bytes is written into the same shape, byte for byte,
+    # whatever the custom_id holds.
+    body = {"id": "c", "choices": [{"message": {"content": 'say "hi"\n'}}]}
+    for custom_id in ('a"b\\c', "ünï\u2028code ✓", "x" * 300):
+        kept = EngineResponse(200, body, "req_9", body_json=orjson.dumps(body))
+        decoded = EngineResponse(200, body, "req_9")
+        assert response_line("batch_req_1", custom_id, kept) == response_line(
+            "batch_req_1", custom_id, decoded
+        )
     odd = orjson.loads(response_line("i", "c", EngineResponse(503, "text")).line)
     assert odd["error"]["code"] == "http_503"
     gone_line = error_line("i", "c", "batch_expired", "late")
