@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from itertools import islice
 
 __all__ = ["KEY_BYTES", "dispatch_order", "prefix_key"]
 
@@ -48,9 +49,13 @@ def prefix_key(raw: bytes) -> bytes:
 def dispatch_order(lines: Sequence[bytes], start: int, end: int) -> Iterable[int]:
     """Indexes ``start..end`` of ``lines``, grouped by prefix key; file order when no key
     repeats (or all are one)."""
-    groups: dict[bytes, list[int]] = {}
-    for index in range(start, end):
-        groups.setdefault(prefix_key(lines[index]), []).append(index)
-    if len(groups) <= 1 or len(groups) == end - start:
+    # Keys by map and the distinct ones by set, in C: most shards keep file order (every key
+    # differs, or all are one), and then this is only the keys' cost on every line.
+    keys = list(map(prefix_key, islice(lines, start, end)))
+    distinct = len(set(keys))
+    if distinct <= 1 or distinct == end - start:
         return range(start, end)
+    groups: dict[bytes, list[int]] = {}
+    for index, key in enumerate(keys, start):
+        groups.setdefault(key, []).append(index)
     return [index for group in groups.values() for index in group]
