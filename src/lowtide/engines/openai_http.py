@@ -217,7 +217,9 @@ class OpenAIHttpEngine(Engine):
         return answer(status, raw, limits, hints)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-        await self._deadlines.close()
+        try:
+            if self._session is not None:
+                await self._session.close()
+                self._session = None
+        finally:
+            await self._deadlines.close()
