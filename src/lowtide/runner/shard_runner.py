@@ -248,7 +248,7 @@ class ShardRun:
             first, end = self._committed, self._ready
             if end == first and not done:
                 return
-            items = [self._results[i] for i in range(first, end)]
+            items = self._results[first:end]  # a segment's lines, sliced in C
             counts, usage = tally(items, self.claim.endpoint)  # type: ignore[arg-type]
             if last and not done:  # stopped early: lines finished past the prefix run again
                 counts.rerun_lines = sum(1 for r in self._results[end:] if r is not None)
@@ -263,7 +263,6 @@ class ShardRun:
                 if items:
                     await self.ctx.blobs.delete(segment.blob_key)
                 return
-            for i in range(first, end):
-                self._results[i] = None
+            self._results[first:end] = [None] * (end - first)
             self._committed = end
             self.ctx.count_usage(self.claim.project, usage)
