@@ -187,7 +187,8 @@ class RouteController:
         self._vclock = queue.vtime
         self.in_flight += 1
         self.in_flight_cost += cost
-        return Permit(batch, cost, time.monotonic())
+        # Timed only for an adaptive window (its latency): a clock read less on a fixed one.
+        return Permit(batch, cost, time.monotonic() if self.window.adaptive else 0.0)
 
     async def acquire(self, batch: str, weight: float, cost: int, *, tried: bool = False) -> Permit:
         """A permit, once there is room and it is this batch's turn. (`tried`: the caller's
@@ -363,12 +364,12 @@ class RouteController:
     ) -> None:
         """Return the permit. status None: no answer (timeout, connection); 0: cancelled.
         (Positional arguments too: once for every request.)"""
-        now = time.monotonic()
         self.in_flight -= 1
         self.in_flight_cost -= permit.cost
         if status == 0 or status in ROUTE_DOWN_STATUSES:  # nothing learned about load
             pass
         elif status == 429:
+            now = time.monotonic()
             self.rate_limited += 1
             if self.rpm is not None:
                 self.rpm.give_back(1)  # a refused request does not count against the limit
@@ -380,7 +381,11 @@ class RouteController:
         elif status is None or status >= 500 or status == 408:
             self.window.on_overload()
         else:
-            self.window.on_success(now - permit.started, self.in_flight, used_tokens or 0)
+            window = self.window
+            if window.adaptive:  # a fixed window learns nothing from a success
+                window.on_success(
+                    time.monotonic() - permit.started, self.in_flight, used_tokens or 0
+                )
             if self.tpm is not None and used_tokens is not None:
                 self.tpm.give_back(permit.cost - used_tokens)
             if used_tokens:
