@@ -6,10 +6,17 @@ what Lowtide adds on every line (parsing, routing, the token estimate, admission
 bookkeeping, the result line, usage and price) so a change to that path can be measured. The
 engine answers every request at once (one suspension, like an HTTP answer) with a fixed chat
 completion. "minimal" is the least any client does with the same engine: parse the line, call
-the engine, encode a result line. Runs are interleaved; medians in microseconds per line.
+the engine, encode a result line. Both encode their results a segment (1,000 lines) at a
+time and then drop them, as a shard commits: results kept to the end cost page faults a worker
+does not pay (~2.8 us each on this VM). Runs are interleaved; medians in microseconds per line.
+
+--without PART (repeatable) adds a row with one part of Lowtide's path stubbed out, to see what
+it costs in place, beside the HTTP client's code and data (more than the same code in a tight
+loop): admission (permit, release, counters), usage (reading the answer's token counts), or
+result (building the result line).
 
     .venv/bin/python bench/line_path.py [--lines 20000] [--repeats 7] [--lanes 32]
-        [--concurrency 32]
+        [--concurrency 32] [--http] [--without admission --without usage --without result]
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from typing import Any
 import orjson
 import uvloop
 
+import lowtide.runner.sending as sending
+from lowtide.admission.controller import Permit, RouteController
 from lowtide.cli.common import settle_heap
 from lowtide.config import ModelRoute, WorkerConfig
 from lowtide.engines.base import Engine, EngineResponse
@@ -33,7 +42,9 @@ from lowtide.engines.router import Router
 from lowtide.ids import request_line_id
 from lowtide.runner import segment_lines
 from lowtide.runner.context import RunnerContext
+from lowtide.runner.segment_lines import ResultLine
 from lowtide.runner.sending import LineSender
+from lowtide.store.rows import Usage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import write_input  # noqa: E402
@@ -104,39 +115,79 @@ async def lowtide_path(
         router._engines["m"] = InstantEngine()  # the route's engine, without an HTTP one
     ctx = RunnerContext(None, None, router, WorkerConfig())  # type: ignore[arg-type]
     sender = LineSender(ctx, _Batch(), _Running())
-    results: list[Any] = [None] * len(lines)
+    results: list[Any] = []
     todo = iter(range(len(lines)))
+    failed = 0
 
     async def lane() -> None:
+        nonlocal failed
         for i in todo:
-            results[i] = await sender.run_line(request_line_id("batch_1", i), lines[i])
+            results.append(await sender.run_line(request_line_id("batch_1", i), lines[i]))
+            if len(results) >= SEGMENT:
+                failed += sum(not r.result.ok for r in results)
+                segment_lines.encode(r.result for r in results)
+                results.clear()
 
     cpu = time.process_time()
     await asyncio.gather(*(lane() for _ in range(lanes)))
+    failed += sum(not r.result.ok for r in results)
     segment_lines.encode(r.result for r in results)
     cpu = time.process_time() - cpu
     await router.close()
-    if not all(r.result.ok for r in results):
+    if failed:
         raise SystemExit("a line failed")
     return cpu
 
 
+SEGMENT = 1000  # lines a shard commits at a time (then drops)
+_PERMIT = Permit("batch_1", 0)
+_USAGE = Usage(20, 2)
+_RESULT = ResultLine(True, b"{}")
+# What --without replaces: (object, attribute, stand-in).
+STUBS: dict[str, list[tuple[Any, str, Any]]] = {
+    "admission": [
+        (RouteController, "try_acquire", lambda self, *a: _PERMIT),
+        (RouteController, "release", lambda self, *a, **k: None),
+        (RouteController, "count", lambda self, *a: None),
+    ],
+    "usage": [(sending, "usage_of", lambda body: _USAGE)],
+    "result": [(sending, "response_line", lambda *a: _RESULT)],
+}
+
+
+async def without(part: str, run: Any) -> float:
+    """`run()` with `part` of the line path stubbed out."""
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in STUBS[part]]
+    for obj, name, stand_in in STUBS[part]:
+        setattr(obj, name, stand_in)
+    try:
+        return await run()
+    finally:
+        for obj, name, original in saved:
+            setattr(obj, name, original)
+
+
 async def minimal_path(lines: list[bytes], concurrency: int) -> float:
     engine = InstantEngine()
-    out: list[bytes] = [b""] * len(lines)
+    out: list[bytes] = []
     todo = iter(range(len(lines)))
 
     async def lane() -> None:
         for i in todo:
             request = orjson.loads(lines[i])
             answer = await engine.execute(ENDPOINT, request["body"])
-            out[i] = orjson.dumps(
-                {
-                    "id": i,
-                    "custom_id": request["custom_id"],
-                    "response": {"status_code": answer.status_code, "body": answer.body},
-                }
+            out.append(
+                orjson.dumps(
+                    {
+                        "id": i,
+                        "custom_id": request["custom_id"],
+                        "response": {"status_code": answer.status_code, "body": answer.body},
+                    }
+                )
             )
+            if len(out) >= SEGMENT:
+                b"\n".join(out)
+                out.clear()
 
     cpu = time.process_time()
     await asyncio.gather(*(lane() for _ in range(concurrency)))
@@ -158,16 +209,24 @@ async def main(args: argparse.Namespace) -> None:
 
         sim = start_simulator("--latency-ms", "0")
         runs = {"bare aiohttp": [], "lowtide": []}
+    for part in args.without:
+        runs[f"without {part}"] = []
+    upstream = None if sim is None else sim.url
     try:
         for _ in range(args.repeats):
             if sim is None:
                 runs["minimal"].append(await minimal_path(lines, args.concurrency))
-                runs["lowtide"].append(await lowtide_path(lines, args.lanes, args.concurrency))
             else:
                 bare = await send_all(f"{sim.url}/chat/completions", str(path), args.concurrency)
                 runs["bare aiohttp"].append(bare["cpu"])
-                cpu = await lowtide_path(lines, args.lanes, args.concurrency, sim.url)
-                runs["lowtide"].append(cpu)
+            runs["lowtide"].append(
+                await lowtide_path(lines, args.lanes, args.concurrency, upstream)
+            )
+            for part in args.without:
+                cpu = await without(
+                    part, lambda: lowtide_path(lines, args.lanes, args.concurrency, upstream)
+                )
+                runs[f"without {part}"].append(cpu)
     finally:
         if sim is not None:
             sim.stop()
@@ -176,7 +235,7 @@ async def main(args: argparse.Namespace) -> None:
     for name, cpus in runs.items():
         med = statistics.median(cpus)
         each = " ".join(f"{1e6 * c / args.lines:.1f}" for c in cpus)
-        print(f"{name:>12} {1e6 * med / args.lines:7.1f}  {med / base:5.2f}x   ({each})")
+        print(f"{name:>18} {1e6 * med / args.lines:7.1f}  {med / base:5.2f}x   ({each})")
 
 
 if __name__ == "__main__":
@@ -193,6 +252,13 @@ if __name__ == "__main__":
         "--http",
         action="store_true",
         help="send to the simulator over HTTP: Lowtide's route engine against bench/bare_client.py's loop",
+    )
+    p.add_argument(
+        "--without",
+        action="append",
+        default=[],
+        choices=sorted(STUBS),
+        help="add a row with this part of the line path stubbed out (repeatable)",
     )
     cli = p.parse_args()
     cli.lanes = cli.lanes or cli.concurrency
