@@ -78,7 +78,7 @@ class InstantEngine(Engine):
     async def execute(self, endpoint: str, body: dict[str, Any]) -> EngineResponse:
         orjson.dumps(body)
         await asyncio.sleep(0)
-        return EngineResponse(status_code=200, body=orjson.loads(ANSWER), request_id="req_1")
+        return EngineResponse(status_code=200, parsed=orjson.loads(ANSWER), request_id="req_1")
 
     def for_endpoint(self, endpoint: str) -> Engine:
         return self

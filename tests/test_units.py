@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,10 @@ import pytest
 from support import chat_line, jsonl
 
 from lowtide.config import BatchLimits, ModelRoute, parse_duration
-from lowtide.engines.base import EngineResponse
-from lowtide.engines.openai_http import parse_retry_after
+from lowtide.engines.base import UNPARSED, EngineResponse
+from lowtide.engines.openai_http import answer_body, parse_retry_after
 from lowtide.engines.router import Router, build_engine
+from lowtide.engines.usage import read_tokens, tokens_of
 from lowtide.runner import segment_lines
 from lowtide.runner.duplicates import DuplicateFinder
 from lowtide.runner.results import error_line, response_line, usage_of
@@ -160,6 +162,66 @@ def test_usage_from_every_endpoint_shape():
     assert (u.input_tokens, u.output_tokens, u.cached_tokens) == (4, 6, 1)
     assert usage_of({"usage": {"prompt_tokens": 9, "total_tokens": 9}}).input_tokens == 9
     assert usage_of(None).input_tokens == 0 and usage_of({"usage": "weird"}).output_tokens == 0
+
+
+def test_token_counts_read_from_bytes_match_the_parsed_reading():
+    """An answer's counts read straight from its bytes are the parsed body's, or not read there
+    at all (None: the body is parsed), whatever the usage holds."""
+    usages: list[Any] = [
+        None,
+        "weird",
+        [],
+        {},
+        {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12},
+        {"input_tokens": 4, "output_tokens": 6, "input_tokens_details": {"cached_tokens": 1}},
+        {"input_tokens": None, "prompt_tokens": 9, "output_tokens": 2},
+        {"prompt_tokens": -3, "completion_tokens": 0},
+        {"prompt_tokens": 2.0, "completion_tokens": True},
+        {"prompt_tokens": 2**63, "completion_tokens": 2**64 + 5},
+        {"prompt_tokens": 1, "prompt_tokens_details": {"cached_tokens": None}},
+        {"prompt_tokens": 1, "prompt_tokens_details": {}, "input_tokens_details": {}},
+        {"prompt_tokens": 8, "prompt_tokens_details": {"cached_tokens": 3}},
+        {"input_tokens_details": {}, "prompt_tokens_details": {"cached_tokens": 3}},
+        {"input_tokens_details": None, "prompt_tokens_details": {"cached_tokens": 3}},
+        {"prompt_tokens_details": "x", "completion_tokens_details": [1]},
+        {"completion_tokens_details": {"reasoning_tokens": 4, "audio_tokens": 1}},
+        {"output_tokens_details": {"reasoning_tokens": -1}, "output_tokens": 3},
+    ]
+    read_here = 0
+    for usage in usages:
+        for body in ({"id": "x", "choices": [{"text": "é ✓"}], "usage": usage}, {"usage": usage}):
+            raw = json.dumps(body, ensure_ascii=False).encode()  # orjson refuses 2**64
+            tokens = read_tokens(raw)
+            if tokens is not None:
+                read_here += 1
+                assert tokens == tokens_of(orjson.loads(raw)), raw
+    assert read_here >= 16  # the usual shapes are read from the bytes
+    assert read_tokens(b'{"usage": {"prompt_tokens": 3}}') == (3, 0, 0, 0)
+    hosted = {
+        "prompt_tokens": 9,
+        "completion_tokens": 4,
+        "prompt_tokens_details": {"cached_tokens": 5, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 2, "audio_tokens": 0},
+    }
+    assert read_tokens(orjson.dumps({"usage": hosted})) == (9, 4, 5, 2)
+    for not_an_object in (b"[1]", b"null", b'"ok"', b"", b'{"a":1,}', b'{"a":"\xff"}'):
+        assert read_tokens(not_an_object) is None
+    assert read_tokens(b'{"a":"\xff\xfe"}'.decode("unicode_escape").encode("latin-1")) is None
+
+
+def test_answers_kept_as_bytes_parse_on_demand():
+    raw = orjson.dumps({"id": "c", "usage": {"prompt_tokens": 3, "completion_tokens": 1}})
+    kept = answer_body(200, raw + b"\n", "req_1")
+    assert kept.parsed is UNPARSED and kept.body_json == raw and kept.tokens == (3, 1, 0, 0)
+    assert kept.body == orjson.loads(raw) and kept.parsed == orjson.loads(raw)
+    kept.body = {"replaced": True}  # a translation replaces it: its bytes and counts go too
+    assert kept.body_json is None and kept.tokens is None
+    pretty = answer_body(200, b'{\n  "id": "c"\n}', None)  # spans lines: parsed, encoded again
+    assert pretty.parsed == {"id": "c"} and pretty.body_json is None and pretty.tokens is None
+    broken = answer_body(200, b'{"id": "c"', None)
+    assert broken.status_code == 502 and broken.body["error"]["type"] == "upstream_error"
+    refused = answer_body(429, b'{"error": {"message": "slow down"}}', None)
+    assert refused.parsed == {"error": {"message": "slow down"}} and refused.tokens is None
 
 
 def test_result_line_shapes():

@@ -7,23 +7,45 @@ from collections.abc import Mapping
 from typing import Any
 
 import msgspec
+import orjson
 
+from lowtide.engines.usage import Tokens
 from lowtide.errors import error_envelope
 from lowtide.ids import new_request_id
+
+UNPARSED: Any = msgspec.UNSET  # an answer's body not parsed yet (never a JSON value)
 
 
 class EngineResponse(msgspec.Struct, gc=False):
     """What an engine answered: an HTTP-like status, the JSON body, and retry hints."""
 
     status_code: int
-    body: Any
+    parsed: Any  # the body, or UNPARSED where the engine kept only its bytes (`body` parses)
     request_id: str | None = None
     retry_after: float | None = None
     headers: Mapping[str, str] | None = None  # rate-limit headers, for admission to learn from
     # The upstream's own bytes for `body` (one line of JSON), written into the result line as
     # they are: an embedding's thousands of floats are not encoded again. None where the body
-    # was built here; whoever replaces `body` sets it to None.
+    # was built here; replacing `body` sets it to None.
     body_json: bytes | None = None
+    # The token counts, where the engine read them with the answer (engines/usage.py); None:
+    # read them from `body`.
+    tokens: Tokens | None = None
+
+    @property
+    def body(self) -> Any:
+        """The JSON body, parsed from `body_json` the first time it is asked for where the
+        engine did not parse it: most answers are written out as they came, never read."""
+        parsed = self.parsed
+        if parsed is UNPARSED:
+            parsed = self.parsed = orjson.loads(self.body_json)  # type: ignore[arg-type]
+        return parsed
+
+    @body.setter
+    def body(self, value: Any) -> None:
+        self.parsed = value
+        self.body_json = None
+        self.tokens = None
 
 
 def error_response(

@@ -12,8 +12,15 @@ import orjson
 from yarl import URL
 
 from lowtide.config import ModelRoute
-from lowtide.engines.base import Engine, EngineResponse, TransientEngineError, error_response
+from lowtide.engines.base import (
+    UNPARSED,
+    Engine,
+    EngineResponse,
+    TransientEngineError,
+    error_response,
+)
 from lowtide.engines.deadlines import Deadlines
+from lowtide.engines.usage import read_tokens
 
 
 def parse_retry_after(headers: Any) -> float | None:
@@ -45,6 +52,13 @@ _HINTS = frozenset((b"retry-after", b"retry-after-ms", b"x-request-id", b"reques
 _HINT_NAMES = {name: name.decode() for name in _HINTS}
 # The first byte of every name above, either case: the others are skipped unread.
 _FIRST_BYTES = frozenset(b"xXaArR")
+
+
+# The rate-limit headers (and retry hints) of an answer are read on the first answer, every
+# 8th one after it, and every answer that is not a success: upstreams repeat them on every
+# answer, and admission keeps its own count in between. The other answers' headers are not
+# walked at all: a dozen Python steps a header, on every answer's path.
+LIMITS_EVERY_MASK = 7
 
 
 def read_answer_headers(raw: Any) -> tuple[dict[str, str], dict[str, str]]:
@@ -112,10 +126,31 @@ def unreachable(exc: Exception) -> TransientEngineError:
 
 
 def answer(
-    status: int, raw: bytes, limits: dict[str, str], hints: dict[str, str]
+    status: int, raw: bytes, limits: dict[str, str] | None, hints: dict[str, str]
 ) -> EngineResponse:
-    """What the upstream answered, whichever HTTP client read it: the body parsed (and kept
-    as sent, for the result line), a non-JSON body turned into an error, the retry hints."""
+    """What the upstream answered, whichever HTTP client read it: the body and its token
+    counts, a non-JSON body turned into an error, the retry hints."""
+    retry_after = (
+        parse_retry_after(hints) if "retry-after" in hints or "retry-after-ms" in hints else None
+    )
+    request_id = hints.get("x-request-id") or hints.get("request-id")
+    return answer_body(status, raw, request_id, retry_after, limits)
+
+
+def answer_body(
+    status: int,
+    raw: bytes,
+    request_id: str | None,
+    retry_after: float | None = None,
+    limits: dict[str, str] | None = None,
+) -> EngineResponse:
+    """The answer's body: a usual success kept as the upstream's bytes, unparsed, with only
+    its token counts read (engines/usage.py); anything else parsed (and kept as sent where it
+    is one line of JSON, for the result line)."""
+    if 200 <= status < 300:
+        line = one_line(raw)
+        if line is not None and (tokens := read_tokens(line)) is not None:
+            return EngineResponse(status, UNPARSED, request_id, retry_after, limits, line, tokens)
     try:
         parsed = orjson.loads(raw) if raw else None
     except orjson.JSONDecodeError:
@@ -129,14 +164,7 @@ def answer(
         message = f"Upstream answered HTTP {status} with a non-JSON body: {text}"
         parsed = error_response(status, message, type="upstream_error").body
         body_json = None
-    return EngineResponse(
-        status,
-        parsed,
-        hints.get("x-request-id") or hints.get("request-id"),
-        (parse_retry_after(hints) if "retry-after" in hints or "retry-after-ms" in hints else None),
-        limits,
-        body_json,
-    )
+    return EngineResponse(status, parsed, request_id, retry_after, limits, body_json)
 
 
 class OpenAIHttpEngine(Engine):
@@ -157,6 +185,7 @@ class OpenAIHttpEngine(Engine):
             self._headers["Authorization"] = f"Bearer {key}"
         self._urls: dict[str, URL] = {}  # endpoint -> its URL, parsed once
         self._deadlines = Deadlines(route.timeout)
+        self._answers = 0  # answers read: every 8th one's rate-limit headers are read too
 
     async def start(self) -> None:
         if self._session is None:
@@ -203,6 +232,13 @@ class OpenAIHttpEngine(Engine):
             finally:
                 resp.release()
             status = resp.status
+            answers = self._answers
+            self._answers = answers + 1
+            if answers & LIMITS_EVERY_MASK and 200 <= status < 300:
+                # The usual answer: its request id is all that is read of its headers.
+                headers = resp.headers
+                request_id = headers.get("x-request-id") or headers.get("request-id")
+                return answer_body(status, raw, request_id)
             limits, hints = read_answer_headers(resp.raw_headers)
         except asyncio.CancelledError:
             if deadlines.timed_out(task):

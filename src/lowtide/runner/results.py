@@ -8,6 +8,7 @@ import orjson
 from orjson import Fragment
 
 from lowtide.engines.base import EngineResponse
+from lowtide.engines.usage import tokens_of
 from lowtide.ids import new_request_id
 from lowtide.runner.segment_lines import ResultLine
 from lowtide.store.rows import Usage
@@ -18,37 +19,7 @@ EXPIRED_MESSAGE = "This request could not be executed before the completion wind
 
 def usage_of(body: Any) -> Usage:
     """Read usage from chat/completions/embeddings (`prompt_tokens`) or responses (`input_tokens`)."""
-    usage = body.get("usage") if isinstance(body, dict) else None
-    if not isinstance(usage, dict):
-        return Usage()
-    # On every answer's path: one lookup per field where the answer has it.
-    get = usage.get
-    inp = get("input_tokens", _MISSING)
-    if inp is _MISSING:
-        inp = get("prompt_tokens")
-    out = get("output_tokens", _MISSING)
-    if out is _MISSING:
-        out = get("completion_tokens")
-    cached = reasoning = 0
-    details = get("input_tokens_details") or get("prompt_tokens_details")
-    if details:
-        cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
-    details = get("output_tokens_details") or get("completion_tokens_details")
-    if details:
-        reasoning = _int(details.get("reasoning_tokens")) if isinstance(details, dict) else 0
-    return Usage(  # input, output, cached, reasoning
-        inp if type(inp) is int and inp > 0 else _int(inp),
-        out if type(out) is int and out > 0 else _int(out),
-        cached,
-        reasoning,
-    )
-
-
-_MISSING = object()
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and value > 0 else 0
+    return Usage(*tokens_of(body))
 
 
 def response_line(
