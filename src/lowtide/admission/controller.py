@@ -101,7 +101,8 @@ class RouteController:
         self._last_log = (time.monotonic(), 0.0, 0.0, 0.0)
 
     def count(self, outcome: int | str) -> None:
-        """One request answered (`outcome` is the status code, or the transient error's code)."""
+        """One request that got no answer (`outcome`: the transient error's code); release
+        counts the answers."""
         self.requests[outcome] = self.requests.get(outcome, 0) + 1
 
     def retried(self) -> None:
@@ -159,8 +160,8 @@ class RouteController:
     def try_acquire(self, batch: str, weight: float, cost: int) -> Permit | None:
         """A permit now, when the route has room and nobody waits; else None (then `acquire`).
 
-        On every request's path: what `_queue` and `_grant` do is written out here for the
-        usual route (nothing waits, only the window limits it), one call instead of five."""
+        On every request's path: the usual route (nothing waits, only the window limits it)
+        counts the permit and nothing more, without a call."""
         if self._watch_task is None and self.route.metrics_url:
             self._ensure_watch()
         if self._waiting or self.in_flight >= self.window.limit:
@@ -176,15 +177,9 @@ class RouteController:
             permit = Permit(batch, cost)
             self._grant(permit, self._queue(batch, weight))
             return permit
-        queue = self._queues.get(batch)
-        if queue is None:
-            queue = self._queues[batch] = _BatchQueue(weight, self._vclock)
-        else:
-            queue.weight = weight
-            if queue.vtime < self._vclock:  # nothing waits: no credit for idle time
-                queue.vtime = self._vclock
-        queue.vtime += 1.0 / weight
-        self._vclock = queue.vtime
+        # Nothing waits: no turn to take, and no fair-share time kept. Virtual times order
+        # waiters only, and a batch that starts waiting starts at the clock (no credit for
+        # the time nothing waited), as every other batch that waits.
         self.in_flight += 1
         self.in_flight_cost += cost
         # Timed only for an adaptive window (its latency): a clock read less on a fixed one.
@@ -362,10 +357,14 @@ class RouteController:
         retry_after: float | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        """Return the permit. status None: no answer (timeout, connection); 0: cancelled.
-        (Positional arguments too: once for every request.)"""
+        """Return the permit, and count the answer by its status. status None: no answer
+        (timeout, connection: the caller counts why); 0: cancelled. (Positional arguments too:
+        once for every request.)"""
         self.in_flight -= 1
         self.in_flight_cost -= permit.cost
+        if status:
+            requests = self.requests
+            requests[status] = requests.get(status, 0) + 1
         if status == 0 or status in ROUTE_DOWN_STATUSES:  # nothing learned about load
             pass
         elif status == 429:

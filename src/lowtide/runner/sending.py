@@ -17,7 +17,7 @@ import orjson
 from lowtide.admission.controller import ROUTE_DOWN_STATUSES, Permit, RouteController
 from lowtide.admission.estimate import estimate_tokens
 from lowtide.config import ModelRoute
-from lowtide.engines.base import Engine, EngineResponse, TransientEngineError
+from lowtide.engines.base import Engine, TransientEngineError
 from lowtide.runner.accounting import FinishedLine, answered, unanswered
 from lowtide.runner.context import RunnerContext
 from lowtide.runner.results import error_line, response_line, usage_of
@@ -29,7 +29,6 @@ from lowtide.runner.retry import (
 )
 from lowtide.runner.schema_check import (
     EXTENSION,
-    AnswerCheck,
     answer_check,
     split_extension,
     violation_line,
@@ -40,10 +39,6 @@ from lowtide.vocabulary import PRIORITIES
 log = logging.getLogger("lowtide.shard")
 
 _NO_USAGE = Usage()  # shared and never changed: what a line with no answer reports
-
-
-# The last answer (or failure) of a line's attempts, and the usage that answer reports.
-_Outcome = tuple[EngineResponse | None, TransientEngineError | None, Usage]
 
 
 class BatchScope(Protocol):
@@ -112,7 +107,16 @@ class LineSender:
         return target
 
     async def run_line(self, line_id: str, raw: bytes) -> FinishedLine | None:
-        """The line's result, or None if it is left for later (never sent, halted)."""
+        """The line's result, or None if it is left for later (never sent, halted).
+
+        The line is sent until it gets a final answer, its retries run out, or the shard stops;
+        an answer that does not match the schema the line asks for is asked for again, at most
+        `check.retries` times, then written as a schema_violation line. One loop, in the one
+        coroutine a line runs in: every coroutine a line's answer passes through costs it.
+
+        A refusal of the route itself (401, 403, 404) uses no retry: the line waits with every
+        other line of the route until a probe finds the route working again.
+        """
         request = orjson.loads(raw)
         custom_id = request["custom_id"]
         body = request["body"]
@@ -128,79 +132,15 @@ class LineSender:
             if type(target) is not _Target:
                 return unanswered(error_line(line_id, custom_id, *target))
         route, engine, controller = target
-        response, failure, usage = await self._attempts(route, engine, controller, body, custom_id)
-        if check_flag is not None or route.validate_schema:
-            check = answer_check(route, self.batch.endpoint, body, check_flag)
-            checked = await self._until_valid(
-                check, line_id, custom_id, model, target, body, (response, failure, usage)
-            )
-            if type(checked) is not tuple:
-                return checked  # a schema_violation line, or None
-            response, failure, usage = checked
-        if self.halt.lost:
-            return None
-        if response is None:
-            if failure is None or self.halt.stopping:
-                return None  # never sent, or left for finalize to report as cancelled/expired
-            return unanswered(error_line(line_id, custom_id, failure.code, failure.message))
-        if self.halt.stopping and is_retryable_status(response.status_code):
-            return None
-        result = response_line(line_id, custom_id, response)
-        return answered(result, usage, route, model, provider_batch=False)
-
-    async def _until_valid(
-        self,
-        check: AnswerCheck | None,
-        line_id: str,
-        custom_id: str,
-        model: str,
-        target: _Target,
-        body: dict[str, Any],
-        outcome: _Outcome,
-    ) -> _Outcome | FinishedLine | None:
-        """Ask again while an answer does not match the request's schema, at most
-        `check.retries` times. Returns the outcome to report as any other line's, or the line's
-        result: a schema_violation line, or None (the shard was lost meanwhile)."""
-        route, engine, controller = target
-        response, failure, usage = outcome
-        schema_retries = 0
-        while check is not None and response is not None and 200 <= response.status_code < 300:
-            if self.halt.lost:
-                return None
-            reason = check.violation(self.batch.endpoint, response.body)
-            if reason is None:
-                break
-            if schema_retries >= check.retries or self.halt.stopping:
-                result = violation_line(line_id, custom_id, response, reason)
-                return answered(result, usage, route, model, provider_batch=False)
-            schema_retries += 1  # the answer does not match its schema: ask again
-            controller.retried()
-            discarded = usage  # answers asked again for their schema are paid for too
-            response, failure, usage = await self._attempts(
-                route, engine, controller, body, custom_id
-            )
-            usage = _sum(usage, discarded)
-        return response, failure, usage
-
-    async def _attempts(
-        self,
-        route: ModelRoute,
-        engine: Engine,
-        controller: RouteController,
-        body: dict[str, Any],
-        custom_id: str,
-    ) -> _Outcome:
-        """Send the line until it gets a final answer, its retries run out, or the shard stops.
-        Returns the last answer (or failure) and the usage that answer reports.
-
-        A refusal of the route itself (401, 403, 404) uses no retry: the line waits with every
-        other line of the route until a probe finds the route working again.
-        """
         batch, halt = self.batch, self.halt
+        check = None
+        if check_flag is not None or route.validate_schema:
+            check = answer_check(route, batch.endpoint, body, check_flag)
         # The token estimate matters only to a token budget; a route without one (yet: it may
         # learn one from the answers' headers) skips it, on every line's path.
         cost: int | None = None
-        attempt = 0
+        attempt = schema_retries = 0
+        discarded = _NO_USAGE  # answers asked for again (their schema): paid for too
         while True:
             if cost is None and controller.tpm is not None:
                 cost = estimate_tokens(batch.endpoint, body)
@@ -212,7 +152,7 @@ class LineSender:
             if permit is None:
                 permit = await self._permit(controller, cost or 0)
                 if permit is None:
-                    return None, None, _NO_USAGE  # stopped while waiting: it never starts
+                    return None  # stopped while waiting: it never starts
             try:
                 response, failure = await engine.execute(batch.endpoint, body), None
             except TransientEngineError as exc:
@@ -224,14 +164,16 @@ class LineSender:
                 controller.release(permit, status=0)
                 log.exception("engine %s failed on %s", route.name, custom_id)
                 message = f"The engine failed: {exc.__class__.__name__}: {exc}"
-                return None, TransientEngineError("engine_error", message), _NO_USAGE
+                response, failure = None, TransientEngineError("engine_error", message)
+                break
             if response is None:
                 controller.release(permit, status=None)
                 controller.count(failure.code if failure else "error")
                 usage = _NO_USAGE
             else:
                 status = response.status_code
-                usage = usage_of(response.body)
+                tokens = response.tokens
+                usage = usage_of(response.body) if tokens is None else Usage(*tokens)
                 controller.release(  # permit, status, used_tokens, retry_after, headers
                     permit,
                     status,
@@ -239,7 +181,6 @@ class LineSender:
                     response.retry_after,
                     response.headers,
                 )
-                controller.count(status)
                 if status in ROUTE_DOWN_STATUSES:
                     refusal = route_refusal(route.name, status, response.body)
                     if refusal is not None:
@@ -251,9 +192,22 @@ class LineSender:
                 if (paused := self.ctx.paused) and paused.get(batch.batch_id) is not None:
                     await self.ctx.note_paused(batch.batch_id, None)
                 if status < 500 and status not in RETRYABLE_STATUS:
-                    return response, None, usage
+                    if check is None or not 200 <= status < 300 or halt.lost:
+                        break  # a final answer
+                    reason = check.violation(batch.endpoint, response.body)
+                    if reason is None:
+                        break
+                    if schema_retries >= check.retries or halt.stopping:
+                        result = violation_line(line_id, custom_id, response, reason)
+                        usage = _sum(usage, discarded)
+                        return answered(result, usage, route, model, provider_batch=False)
+                    schema_retries += 1  # the answer does not match its schema: ask again
+                    controller.retried()
+                    discarded = _sum(usage, discarded)
+                    attempt = 0
+                    continue
             if attempt == route.max_retries or halt.stopping or halt.lost:
-                return response, failure, usage
+                break
             controller.retried()
             retry_after = response.retry_after if response is not None else None
             cfg = self.ctx.config
@@ -266,6 +220,18 @@ class LineSender:
             finally:
                 controller.backing_off -= 1
             attempt += 1
+        if halt.lost:
+            return None
+        if response is None:
+            if failure is None or halt.stopping:
+                return None  # left for finalize to report as cancelled/expired
+            return unanswered(error_line(line_id, custom_id, failure.code, failure.message))
+        if halt.stopping and is_retryable_status(response.status_code):
+            return None
+        if discarded is not _NO_USAGE:
+            usage = _sum(usage, discarded)
+        result = response_line(line_id, custom_id, response)
+        return answered(result, usage, route, model, provider_batch=False)
 
     async def _permit(self, controller: RouteController, cost: int) -> Permit | None:
         """Wait for admission; None if the shard stopped meanwhile (then the line never starts:
