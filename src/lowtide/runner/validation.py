@@ -178,19 +178,56 @@ class FileValidator:
             self._skipping_long_line = False
             self._not_a_request(end)
             return
-        self._line_no += 1
-        if not raw or raw.isspace():  # (not raw.strip(): a copy of every line)
-            self._not_a_request(end)
-            return
-        model = self._check(raw, self._line_no)
+        line = self._line_no = self._line_no + 1
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            if not raw or raw.isspace():  # (not raw.strip(): a copy of every line)
+                self._not_a_request(end)
+                return
+            obj = _UNSEEN
+        # The usual line, checked and counted in one pass on every line's path: a model seen
+        # before on this endpoint that runs here, nothing wrong. Anything else (or anything
+        # wrong) goes the long way, which names the problem.
+        if type(obj) is dict and not self._per_line:
+            custom_id, body = obj.get("custom_id"), obj.get("body")
+            if (
+                type(custom_id) is str
+                and custom_id
+                and type(body) is dict
+                and obj.get("method") == "POST"
+                and obj.get("url") == self.endpoint
+                and not body.get("stream")
+                and body.get(self._required) is not None
+            ):
+                model = body.get("model")
+                checker = self._serving.get(model, _UNSEEN) if type(model) is str else _UNSEEN
+                if (
+                    (checker is None or (checker is not _UNSEEN and checker(body) is None))
+                    and self._upstreams.get(model, _UNSEEN) is None
+                    and (shard := self._shard) is not None
+                    and "chunk" not in shard
+                ):
+                    self._ids.add(hash(custom_id), line)
+                    self._valid(model, body)
+                    total = self.total = self.total + 1
+                    if total == self._max_lines_plus_one:
+                        self._too_many()
+                    shard["byte_end"] = end
+                    count = shard["request_count"] = shard["request_count"] + 1
+                    if count >= self._shard_lines or end - shard["byte_start"] >= self._shard_bytes:
+                        self._close_shard()
+                    return
+        if obj is _UNSEEN:
+            self._error(
+                "invalid_json_line", line, None, "This line is not parseable as valid JSON."
+            )
+            model = None
+        else:
+            model = self._check(obj, line)
         self.total += 1
         if self.total == self._max_lines_plus_one:
-            self._error(
-                "too_many_tasks",
-                None,
-                None,
-                f"The input file has more than {self._limits.max_lines:,} requests, the limit per batch.",
-            )
+            self._too_many()
         route = None if model is None else _memo(self._upstreams, self._upstream_of, model)
         chunk = self._chunk_for(route, model or "", len(raw) + 1) if route is not None else None
         shard = self._shard
@@ -211,6 +248,14 @@ class FileValidator:
         count = shard["request_count"] = shard["request_count"] + 1
         if count >= self._shard_lines or end - shard["byte_start"] >= self._shard_bytes:
             self._close_shard()
+
+    def _too_many(self) -> None:
+        self._error(
+            "too_many_tasks",
+            None,
+            None,
+            f"The input file has more than {self._limits.max_lines:,} requests, the limit per batch.",
+        )
 
     def _chunk_for(self, route: ModelRoute, model: str, size: int) -> int:
         """The provider batch this line goes in: the route's open one while it has room."""
@@ -246,36 +291,8 @@ class FileValidator:
         if len(self.errors) < self._limits.max_errors_reported:
             self.errors.append({"code": code, "line": line, "param": param, "message": message})
 
-    def _check(self, raw: bytes, line: int) -> str | None:
+    def _check(self, obj: Any, line: int) -> str | None:
         """Record what is wrong with the line, if anything; the model of a valid line."""
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            self._error(
-                "invalid_json_line", line, None, "This line is not parseable as valid JSON."
-            )
-            return
-        # The usual line, checked in one pass: a model seen before on this endpoint, nothing
-        # wrong. Anything else (or anything wrong) goes the long way, which names the problem.
-        if type(obj) is dict and not self._per_line:
-            custom_id, body = obj.get("custom_id"), obj.get("body")
-            if (
-                type(custom_id) is str
-                and custom_id
-                and type(body) is dict
-                and obj.get("method") == "POST"
-                and obj.get("url") == self.endpoint
-                and not body.get("stream")
-                and body.get(self._required) is not None
-            ):
-                model = body.get("model")
-                checker = self._serving.get(model, _UNSEEN) if type(model) is str else _UNSEEN
-                if checker is None or (checker is not _UNSEEN and checker(body) is None):
-                    self._ids.add(hash(custom_id), line)
-                    return self._valid(model, body)
-        return self._check_slowly(obj, line)
-
-    def _check_slowly(self, obj: Any, line: int) -> str | None:
         if not isinstance(obj, dict):
             self._error("invalid_json_line", line, None, "This line is not a JSON object.")
             return
