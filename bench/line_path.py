@@ -33,6 +33,7 @@ from typing import Any
 import orjson
 import uvloop
 
+import lowtide.engines.openai_http as openai_http
 import lowtide.runner.sending as sending
 from lowtide.admission.controller import Permit, RouteController
 from lowtide.cli.common import settle_heap
@@ -150,7 +151,12 @@ STUBS: dict[str, list[tuple[Any, str, Any]]] = {
         (RouteController, "release", lambda self, *a, **k: None),
         (RouteController, "count", lambda self, *a: None),
     ],
-    "usage": [(sending, "usage_of", lambda body: _USAGE)],
+    # An answer's counts: read from its bytes over HTTP (with the check that they are JSON),
+    # from the parsed body for the instant engine.
+    "usage": [
+        (openai_http, "read_tokens", lambda raw: (20, 2, 0, 0)),
+        (sending, "usage_of", lambda body: _USAGE),
+    ],
     "result": [(sending, "response_line", lambda *a: _RESULT)],
 }
 

@@ -7,6 +7,7 @@ import hashlib
 import random
 import secrets
 import string
+from collections.abc import Callable
 
 _BASE62 = string.digits + string.ascii_letters
 
@@ -29,6 +30,12 @@ def request_line_id(batch_id: str, index: int) -> str:
     32 hex digits as the hosted API's, 20 from a hash of the batch id and 12 the line's index
     (unique in the batch; no hash per line, on every line's path)."""
     return f"{_line_id_prefix(batch_id)}{index:012x}"
+
+
+def request_line_ids(batch_id: str) -> Callable[[int], str]:
+    """request_line_id(batch_id, index) as a function of the index alone, for a shard that
+    names every line of one batch: a string's format method, called without a Python frame."""
+    return (_line_id_prefix(batch_id) + "{:012x}").format
 
 
 @functools.lru_cache(maxsize=1024)

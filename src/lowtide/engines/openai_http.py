@@ -184,6 +184,8 @@ class OpenAIHttpEngine(Engine):
         elif key:
             self._headers["Authorization"] = f"Bearer {key}"
         self._urls: dict[str, URL] = {}  # endpoint -> its URL, parsed once
+        # Bodies go out as the lines hold them unless the route changes them (_encode).
+        self._as_sent = not route.upstream_model and route.batch_priority is None
         self._deadlines = Deadlines(route.timeout)
         self._answers = 0  # answers read: every 8th one's rate-limit headers are read too
 
@@ -221,12 +223,17 @@ class OpenAIHttpEngine(Engine):
         if self._session is None:
             await self.start()
         assert self._session is not None
+        url = self._urls.get(endpoint)  # (not `or`: a URL's truth is a Python call)
+        if url is None:
+            url = self._url(endpoint)
         deadlines = self._deadlines
         task = deadlines.enter()
         try:
             # Awaited, not `async with`: one coroutine less on every request's path; release()
             # is what leaving the context would do (and closes a connection left mid-answer).
-            resp = await self._session.post(self._url(endpoint), data=self._encode(body))
+            resp = await self._session.post(
+                url, data=orjson.dumps(body) if self._as_sent else self._encode(body)
+            )
             try:
                 raw = await resp.read()
             finally:

@@ -17,7 +17,7 @@ import orjson
 
 from lowtide.admission.controller import RouteController
 from lowtide.blobs.keys import segment_key
-from lowtide.ids import request_line_id
+from lowtide.ids import request_line_ids
 from lowtide.runner import segment_lines
 from lowtide.runner.accounting import FinishedLine, replayed, tally
 from lowtide.runner.context import RunnerContext
@@ -167,18 +167,17 @@ class ShardRun:
         those its batch runs here already (lanes_to_start), then follows the window: a lane
         leaves when only its own batch waits for a full window, and another starts when a slot
         goes unused (lanes_wanted)."""
-        claim, sender = self.claim, self._sender
+        sender, previous = self._sender, self._previous
+        line_id, first = request_line_ids(self.claim.batch_id), self.claim.first_request
         try:
             for index in todo:
                 if self.stopping or self.lost:
                     return
                 try:
-                    previous = self._previous
                     if previous is not None and (kept := previous[index]) is not None:
                         done = self._replay(kept, lines[index])
                     else:
-                        line_id = request_line_id(claim.batch_id, claim.first_request + index)
-                        done = await sender.run_line(line_id, lines[index])
+                        done = await sender.run_line(line_id(first + index), lines[index])
                 except Exception:  # a bug fails one line (left unfinished: a gap), never the lane
                     log.exception(
                         "line %d of shard %s/%s failed", index, self.claim.batch_id, self.claim.idx
