@@ -178,8 +178,9 @@ class RouteController:
             self._grant(permit, self._queue(batch, weight))
             return permit
         # Nothing waits: no turn to take, and no fair-share time kept. Virtual times order
-        # waiters only, and a batch that starts waiting starts at the clock (no credit for
-        # the time nothing waited), as every other batch that waits.
+        # waiters only: a batch that starts waiting starts at the clock (no credit for the
+        # time nothing waited), or where its last wait left it if that is ahead (at most one
+        # grant's worth).
         self.in_flight += 1
         self.in_flight_cost += cost
         # Timed only for an adaptive window (its latency): a clock read less on a fixed one.

@@ -7,20 +7,17 @@ from collections.abc import Mapping
 from typing import Any
 
 import msgspec
-import orjson
 
 from lowtide.engines.usage import Tokens
 from lowtide.errors import error_envelope
 from lowtide.ids import new_request_id
-
-UNPARSED: Any = msgspec.UNSET  # an answer's body not parsed yet (never a JSON value)
 
 
 class EngineResponse(msgspec.Struct, gc=False):
     """What an engine answered: an HTTP-like status, the JSON body, and retry hints."""
 
     status_code: int
-    parsed: Any  # the body, or UNPARSED where the engine kept only its bytes (`body` parses)
+    parsed: Any  # the JSON body (`body`)
     request_id: str | None = None
     retry_after: float | None = None
     headers: Mapping[str, str] | None = None  # rate-limit headers, for admission to learn from
@@ -34,15 +31,11 @@ class EngineResponse(msgspec.Struct, gc=False):
 
     @property
     def body(self) -> Any:
-        """The JSON body, parsed from `body_json` the first time it is asked for where the
-        engine did not parse it: most answers are written out as they came, never read."""
-        parsed = self.parsed
-        if parsed is UNPARSED:
-            parsed = self.parsed = orjson.loads(self.body_json)  # type: ignore[arg-type]
-        return parsed
+        return self.parsed
 
     @body.setter
     def body(self, value: Any) -> None:
+        """A body replaced (a translation): the upstream's bytes and counts are not its own."""
         self.parsed = value
         self.body_json = None
         self.tokens = None

@@ -13,7 +13,6 @@ from yarl import URL
 
 from lowtide.config import ModelRoute
 from lowtide.engines.base import (
-    UNPARSED,
     Engine,
     EngineResponse,
     TransientEngineError,
@@ -144,27 +143,31 @@ def answer_body(
     retry_after: float | None = None,
     limits: dict[str, str] | None = None,
 ) -> EngineResponse:
-    """The answer's body: a usual success kept as the upstream's bytes, unparsed, with only
-    its token counts read (engines/usage.py); anything else parsed (and kept as sent where it
-    is one line of JSON, for the result line)."""
-    if 200 <= status < 300:
-        line = one_line(raw)
-        if line is not None and (tokens := read_tokens(line)) is not None:
-            return EngineResponse(status, UNPARSED, request_id, retry_after, limits, line, tokens)
+    """The answer's body, parsed (orjson decides what is JSON, as every reader of the result
+    files does) and kept as sent where it is one line of JSON, for the result line; a small
+    success's token counts read from its bytes (engines/usage.py)."""
     try:
         parsed = orjson.loads(raw) if raw else None
     except orjson.JSONDecodeError:
         parsed = None
     if parsed is None and status // 100 == 2:
         status = 502
+    tokens = None
     if isinstance(parsed, _JSON_CONTAINERS):
         body_json = one_line(raw)
+        if type(parsed) is dict and len(raw) <= READ_TOKENS_MAX_BYTES:
+            tokens = read_tokens(raw)
     else:
         text = raw[:2000].decode("utf-8", "replace")
         message = f"Upstream answered HTTP {status} with a non-JSON body: {text}"
         parsed = error_response(status, message, type="upstream_error").body
         body_json = None
-    return EngineResponse(status, parsed, request_id, retry_after, limits, body_json)
+    return EngineResponse(status, parsed, request_id, retry_after, limits, body_json, tokens)
+
+
+# Past this, reading the counts from the bytes costs more than reading them from the parsed
+# body (msgspec skips an embedding's floats more slowly than the dict lookups take).
+READ_TOKENS_MAX_BYTES = 4096
 
 
 class OpenAIHttpEngine(Engine):
@@ -245,6 +248,10 @@ class OpenAIHttpEngine(Engine):
                 # The usual answer: its request id is all that is read of its headers.
                 headers = resp.headers
                 request_id = headers.get("x-request-id") or headers.get("request-id")
+                if request_id is not None and not request_id.isascii():
+                    # aiohttp decodes values as UTF-8 (undecodable bytes as surrogates);
+                    # the header walk reads every value as Latin-1, as HTTP does.
+                    request_id = request_id.encode("utf-8", "surrogateescape").decode("latin-1")
                 return answer_body(status, raw, request_id)
             limits, hints = read_answer_headers(resp.raw_headers)
         except asyncio.CancelledError:

@@ -3,11 +3,11 @@
 One rule for both: `input_tokens` (Responses, Messages) where the usage has it, else
 `prompt_tokens` (chat, completions, embeddings); `output_tokens` else `completion_tokens`;
 cached and reasoning tokens from the `*_details` objects. A count that is not a positive
-integer reads as 0. Reading from bytes decodes only `usage` (msgspec skips the rest in C, no
-dict built for the choices or an embedding's floats): an answer's path in every worker, where
-parsing the whole answer to read four numbers cost more than the rest of Lowtide's bookkeeping
-for the line. Anything unusual there (a count of another type, both names' details) is left to
-the parsed body's reading, so both give the same numbers.
+integer reads as 0. Reading from bytes decodes only `usage` (msgspec, in C) instead of walking
+the parsed dicts in Python, on every answer's path. Anything unusual there (a count of another
+type, negative, past 63 bits, both names' details) is left to the parsed body's reading, so
+both give the same numbers. The bytes must already have parsed (orjson decides what is JSON):
+msgspec's skipping is more lenient (numbers past a double's range, strings' UTF-8).
 """
 
 from __future__ import annotations
@@ -79,14 +79,12 @@ _decode_answer = msgspec.json.Decoder(_Answer).decode
 
 
 def read_tokens(raw: bytes) -> Tokens | None:
-    """The counts in an answer's bytes when they are a JSON object (valid UTF-8) whose usage
-    holds only what the usual answers hold; None for anything else: parse it, then tokens_of."""
+    """The counts in a parsed answer's bytes when they are a JSON object whose usage holds only
+    what the usual answers hold; None for anything else: tokens_of the parsed body."""
     try:
         usage = _decode_answer(raw).usage
-    except msgspec.DecodeError:  # not JSON, not an object, or a count not read here
-        return None
-    if not raw.isascii() and not _utf8(raw):
-        return None
+    except (msgspec.DecodeError, RecursionError):  # a count not read here; nested deeper than
+        return None  # msgspec follows (Python's recursion limit), less than orjson's 1,023
     if usage is None:
         return NO_TOKENS
     inp = usage.input_tokens
@@ -120,12 +118,3 @@ def _with_details(usage: _Usage, inp: int, out: int) -> Tokens | None:
 
 
 _NO_DETAILS = _Details()
-
-
-def _utf8(raw: bytes) -> bool:
-    """msgspec skips the strings it does not read without checking them."""
-    try:
-        raw.decode()
-    except UnicodeDecodeError:
-        return False
-    return True
